@@ -1,0 +1,162 @@
+"""SuperCLIP: a stock open_clip CLIP whose image tower also feeds a token-classification head.
+
+The head reads the mean of the patch tokens after ``ln_post`` (CLS excluded), taken from the same visual pass
+as the contrastive features. It is used in training only; ``encode_image``/``encode_text`` are the stock ones.
+"""
+import logging
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from open_clip.model import CLIP, CLIPVisionCfg
+from open_clip.transformer import LayerNorm, LayerNormFp32
+from torch import nn
+
+from .idf import CLIP_EOT_TOKEN_ID, CLIP_SOT_TOKEN_ID, CLIP_VOCAB_SIZE, IDFStatistics
+
+_logger = logging.getLogger(__name__)
+
+CLASS_HEAD_PREFIXES = ("class_head.", "class_idf.")
+CLASS_LOSS_IMPLS = ("dense", "chunked")
+# Chosen by `make bench` (docs/benchmarks.md): the faster implementation per device type.
+DEFAULT_CLASS_LOSS_IMPL = {"cpu": "chunked", "cuda": "chunked"}
+
+
+@dataclass
+class SuperCLIPCfg:
+    vocab_size: int = CLIP_VOCAB_SIZE
+    sot_token_id: int = CLIP_SOT_TOKEN_ID
+    eot_token_id: int = CLIP_EOT_TOKEN_ID
+
+
+class _FreshIfAbsent(nn.Module):
+    """Loads normally, but a checkpoint without any of this module's keys (a stock CLIP one) leaves it as
+    initialised instead of failing the strict load; a partial set of keys still fails."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._absent_prefix = None
+        self.register_load_state_dict_post_hook(_forgive_absent_keys)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._absent_prefix = None if any(key.startswith(prefix) for key in state_dict) else prefix
+        if self._absent_prefix is None:
+            super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _forgive_absent_keys(module, incompatible_keys):
+    prefix = module._absent_prefix
+    if prefix is not None:
+        _logger.info(f"{prefix.rstrip('.')} is not in the checkpoint: keeping its fresh initialisation.")
+        incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if not k.startswith(prefix)]
+        module._absent_prefix = None
+
+
+class ClassHead(_FreshIfAbsent):
+    """LayerNorm(width) -> Linear(width, vocab): one logit per vocabulary token."""
+
+    def __init__(self, width: int, vocab_size: int, norm_layer=LayerNorm):
+        super().__init__()
+        self.norm = norm_layer(width)
+        self.proj = nn.Linear(width, vocab_size)
+        nn.init.normal_(self.proj.weight, std=width ** -0.5)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.norm(x))
+
+
+class ClassIDFStatistics(_FreshIfAbsent, IDFStatistics):
+    pass
+
+
+def check_head_attachable(vision_cfg: dict) -> None:
+    """The head needs a native open_clip ViT whose patch tokens come out after ``ln_post``."""
+    cfg = CLIPVisionCfg(**vision_cfg) if isinstance(vision_cfg, dict) else vision_cfg
+    problem = None
+    if cfg.timm_model_name:
+        problem = f"a timm image tower ({cfg.timm_model_name})"
+    elif isinstance(cfg.layers, (list, tuple)):
+        problem = "a ResNet image tower"
+    elif cfg.attentional_pool:
+        problem = "an attentional-pool image tower"
+    elif cfg.final_ln_after_pool:
+        problem = "final_ln_after_pool (patch tokens would skip ln_post)"
+    elif cfg.pool_type != "tok":
+        problem = f"pool_type={cfg.pool_type!r} (only 'tok' has a separate CLS token)"
+    if problem:
+        raise ValueError(f"the SuperCLIP class head cannot attach to {problem}: use a native open_clip ViT "
+                         f"(e.g. ViT-B-16, ViT-L-14) or a SuperCLIP-* model")
+
+
+class SuperCLIP(CLIP):
+    """open_clip's CLIP plus the SuperCLIP class head and its IDF statistics.
+
+    With ``output_dict=True`` in training mode, ``forward`` adds batch-major class outputs for
+    `ClassificationAugmentedLoss`: ``class_tokens`` and either ``class_logits`` (dense) or
+    ``class_logsumexp`` + ``class_token_logits`` (chunked, never materialising [B, vocab]).
+    Text longer than ``context_length`` carries the class-target tokens after the first ``context_length``
+    columns (DualCaption).
+    """
+
+    def __init__(self, embed_dim: int, vision_cfg, text_cfg, superclip_cfg: Optional[dict] = None,
+                 cast_dtype: Optional[torch.dtype] = None, **clip_kwargs):
+        vision_cfg = asdict(vision_cfg) if isinstance(vision_cfg, CLIPVisionCfg) else dict(vision_cfg)
+        check_head_attachable(vision_cfg)
+        vision_cfg["output_tokens"] = True
+        super().__init__(embed_dim, vision_cfg, text_cfg, cast_dtype=cast_dtype, **clip_kwargs)
+        self.superclip_cfg = SuperCLIPCfg(**(superclip_cfg or {}))
+        norm_layer = LayerNormFp32 if cast_dtype in (torch.float16, torch.bfloat16) else LayerNorm
+        self.class_head = ClassHead(vision_cfg["width"], self.superclip_cfg.vocab_size, norm_layer)
+        self.class_idf = ClassIDFStatistics(self.superclip_cfg.vocab_size)
+        self.class_loss_impl = "auto"
+
+    def encode_image(self, image, normalize: bool = False):
+        features, _ = self.visual(image)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def _resolve_loss_impl(self, device: torch.device) -> str:
+        if self.class_loss_impl == "auto":
+            return DEFAULT_CLASS_LOSS_IMPL.get(device.type, "dense")
+        if self.class_loss_impl not in CLASS_LOSS_IMPLS:
+            raise ValueError(f"class_loss_impl must be 'auto' or one of {CLASS_LOSS_IMPLS}, "
+                             f"got {self.class_loss_impl!r}")
+        return self.class_loss_impl
+
+    def forward(self, image: Optional[torch.Tensor] = None, text: Optional[torch.Tensor] = None):
+        class_tokens = None
+        if text is not None and text.shape[-1] > self.context_length:
+            text, class_tokens = text[:, :self.context_length], text[:, self.context_length:]
+        if not (self.training and self.output_dict and image is not None and text is not None):
+            return super().forward(image, text)
+
+        pooled, patch_tokens = self.visual(image)
+        out = {
+            "image_features": F.normalize(pooled, dim=-1),
+            "text_features": self.encode_text(text, normalize=True),
+            "logit_scale": self.logit_scale.exp(),
+        }
+        if self.logit_bias is not None:
+            out["logit_bias"] = self.logit_bias
+        class_tokens = text if class_tokens is None else class_tokens
+        out["class_tokens"] = class_tokens
+        patch_mean = patch_tokens.mean(dim=1)
+        if self._resolve_loss_impl(patch_mean.device) == "dense":
+            out["class_logits"] = self.class_head(patch_mean)
+        else:
+            from .fused_head import fused_head_logsumexp
+            head = self.class_head
+            out["class_logsumexp"], out["class_token_logits"] = fused_head_logsumexp(
+                head.norm(patch_mean), head.proj.weight, head.proj.bias, class_tokens)
+        return out
+
+
+def is_class_head_key(key: str) -> bool:
+    key = key[len("module."):] if key.startswith("module.") else key
+    return key.startswith(CLASS_HEAD_PREFIXES)
+
+
+def to_stock_state_dict(state_dict: dict) -> dict:
+    """A SuperCLIP state dict without the head and statistics: loads into the stock CLIP of the same towers."""
+    return {k: v for k, v in state_dict.items() if not is_class_head_key(k)}

@@ -1,0 +1,81 @@
+"""The ``--superclip-*`` flags, added to open_clip_train's own parser, and their validation (exit code 2)."""
+import argparse
+import math
+import os
+
+from open_clip_superclip.idf import IDF_MODES
+
+SUPERCLIP_DEFAULTS = {
+    "superclip_lambda": 1.0,
+    "superclip_idf": "online",
+    "superclip_loss_impl": "auto",
+}
+
+
+def add_superclip_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "SuperCLIP (open_clip_superclip)",
+        "Token-classification supervision for CLIP (arXiv 2512.14480). Active with a SuperCLIP/SuperSigLIP/"
+        "SuperFLIP model or with --superclip-lambda on a stock ViT model.")
+    group.add_argument("--superclip-lambda", type=float, default=None, metavar="FLOAT",
+                       help="Weight of the class loss (>= 0; default 1.0 with Super* models). On a stock ViT model "
+                            "it adds the SuperCLIP head; 0 trains the plain contrastive baseline without a head.")
+    group.add_argument("--superclip-idf", default=None, metavar="{online,none,PATH}",
+                       help="Class-target weights: online running IDF (default), none (uniform), or a counts file "
+                            "written by `superclip idf` (fixed weights).")
+    group.add_argument("--superclip-loss-impl", choices=["auto", "dense", "chunked"], default=None,
+                       help="Class loss implementation: chunked never materialises [batch, vocab]; auto picks the "
+                            "faster one for the device (default).")
+
+
+def _given(args, name):
+    return getattr(args, name, None) is not None
+
+
+def finalize_superclip_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """Validates our flags and sets ``args.superclip`` (whether the class head trains in this run)."""
+    from open_clip_superclip.registry import superclip_config
+    from open_clip_superclip.upstream_patches import install_trainer_process
+    from training_ext import hooks
+
+    lam = args.superclip_lambda
+    if lam is not None and not (math.isfinite(lam) and lam >= 0):
+        parser.error(f"--superclip-lambda must be a finite number >= 0, got {lam}")
+    idf = args.superclip_idf
+    if idf is not None and idf not in IDF_MODES and not os.path.exists(idf):
+        parser.error(f"--superclip-idf must be one of {', '.join(IDF_MODES)} or an existing IDF counts file "
+                     f"(written by `superclip idf`), got {idf!r}")
+
+    super_model = superclip_config(args.model) is not None
+    args.superclip = super_model and lam != 0 or bool(lam)
+    given = [f"--{name.replace('_', '-')}" for name in SUPERCLIP_DEFAULTS if _given(args, name)
+             and name != "superclip_lambda"]
+    if given and not args.superclip:
+        reason = "--superclip-lambda is 0" if lam == 0 else f"--model {args.model} is not a SuperCLIP model " \
+                                                               f"and --superclip-lambda is not set"
+        parser.error(f"{', '.join(given)} has no effect: {reason}")
+    if args.superclip and not super_model:
+        _check_stock_model_can_take_head(parser, args.model)
+    if args.superclip and "siglip" in args.model.lower() and super_model and not args.siglip:
+        args.siglip = True  # SuperSigLIP models train with the sigmoid loss their logit bias is initialised for
+    for name, default in SUPERCLIP_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default if args.superclip or name != "superclip_lambda" else lam)
+    hooks.start_run(args)
+    install_trainer_process()
+    return args
+
+
+def _check_stock_model_can_take_head(parser, model_name):
+    from open_clip import get_model_config
+    from open_clip_superclip.model import check_head_attachable
+
+    config = get_model_config(model_name)
+    if config is None:
+        return  # the stock trainer reports unknown models itself
+    try:
+        if config.get("custom_text") or "hf_model_name" in config.get("text_cfg", {}):
+            raise ValueError("a custom text tower (CustomTextCLIP)")
+        check_head_attachable(config["vision_cfg"])
+    except ValueError as error:
+        parser.error(f"--superclip-lambda cannot be used with --model {model_name}: {error}")

@@ -1,0 +1,175 @@
+import json
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from open_clip.model import CLIP
+
+from open_clip_superclip import SuperCLIP, list_superclip_models, to_stock_state_dict
+from open_clip_superclip.model import ClassHead, check_head_attachable
+
+from conftest import TINY
+
+REQUIRED = ["SuperCLIP-ViT-B-16", "SuperCLIP-ViT-B-32", "SuperCLIP-ViT-L-14", "SuperCLIP-ViT-L-16",
+            "SuperSigLIP-ViT-B-16", "SuperSigLIP-ViT-L-16", "SuperFLIP-ViT-B-16", "SuperFLIP-ViT-L-16"]
+
+
+def test_configs_listed_with_aliases_and_stock_towers():
+    listed = open_clip.list_models()
+    for name in REQUIRED:
+        alias = name.replace("ViT-", "")
+        assert name in listed and alias in listed
+        ours = open_clip.get_model_config(name)
+        assert ours == open_clip.get_model_config(alias)
+        stock = open_clip.get_model_config("ViT-" + name.split("-ViT-")[1])
+        expected_vision = dict(stock["vision_cfg"], **({"patch_dropout": 0.5} if "FLIP" in name else {}))
+        assert ours["vision_cfg"] == expected_vision and ours["text_cfg"] == stock["text_cfg"]
+        assert ours["embed_dim"] == stock["embed_dim"]
+    assert TINY in listed
+    assert set(list_superclip_models()) <= set(listed)
+
+
+def test_siglip_variant_uses_clip_bpe_tokenizer_and_siglip_init():
+    tokenizer = open_clip.get_tokenizer("SuperSigLIP-ViT-B-16")
+    assert isinstance(tokenizer, open_clip.tokenizer.SimpleTokenizer)
+    cfg = open_clip.get_model_config("SuperSigLIP-B-16")
+    assert cfg["init_logit_bias"] == -10 and cfg["init_logit_scale"] == pytest.approx(2.302585, abs=1e-6)
+
+
+@pytest.mark.parametrize("width,params", [(768, 37_996_288), (1024, 50_645_248)])
+def test_head_sizes_match_the_paper(width, params):
+    # 38.0M for B/16 (768 wide), 50.6M for L (1024 wide); create_model of the full models is checked in the note
+    head = ClassHead(width, 49408)
+    assert sum(p.numel() for p in head.parameters()) == params
+    assert head.proj.bias.abs().sum() == 0
+    assert head.proj.weight.std().item() == pytest.approx(width ** -0.5, rel=0.01)
+
+
+def test_factory_builds_superclip_and_stock_clip_unchanged():
+    assert type(open_clip.create_model(TINY)) is SuperCLIP
+    stock = open_clip.create_model("ViT-S-32")
+    assert type(stock) is CLIP and not hasattr(stock, "class_head")
+
+
+def test_head_reads_mean_of_post_ln_patch_tokens_in_the_same_pass(tiny_model):
+    model = tiny_model.train()
+    model.class_loss_impl = "dense"
+    images = torch.randn(3, 3, 64, 64)
+    texts = open_clip.get_tokenizer(TINY)(["a dog", "a cat", "a car"])
+    visual = model.visual
+    calls = []
+    handle = visual.register_forward_hook(lambda *a: calls.append(1))
+    out = model(images, texts)
+    handle.remove()
+    assert len(calls) == 1  # one visual pass for both branches
+    # manual pass through the visual tower
+    x = visual.conv1(images).flatten(2).transpose(1, 2)
+    x = torch.cat([visual.class_embedding.expand(3, 1, -1), x], dim=1) + visual.positional_embedding
+    x = visual.transformer(visual.ln_pre(x))
+    x = visual.ln_post(x)
+    expected_logits = model.class_head(x[:, 1:].mean(dim=1))
+    torch.testing.assert_close(out["class_logits"], expected_logits)
+    torch.testing.assert_close(out["image_features"], F.normalize(x[:, 0] @ visual.proj, dim=-1))
+    assert torch.equal(out["class_tokens"], texts)
+
+
+def test_cls_branch_equals_stock_clip_on_same_weights(tiny_model):
+    cfg = open_clip.get_model_config(TINY)
+    cfg.pop("superclip_cfg")
+    stock = CLIP(**cfg, output_dict=True)
+    stock.load_state_dict(to_stock_state_dict(tiny_model.state_dict()))
+    images = torch.randn(2, 3, 64, 64)
+    texts = open_clip.get_tokenizer(TINY)(["a dog", "a cat"])
+    for mode in ("eval", "train"):
+        getattr(stock, mode)(), getattr(tiny_model, mode)()
+        ours, theirs = tiny_model(images, texts), stock(images, texts)
+        for key in ("image_features", "text_features", "logit_scale"):
+            assert torch.equal(ours[key], theirs[key]), (mode, key)
+    assert torch.equal(tiny_model.encode_image(images), stock.encode_image(images))
+
+
+def test_chunked_and_dense_outputs_agree(tiny_model):
+    from open_clip_superclip import ClassificationAugmentedLoss
+    from open_clip.loss import ClipLoss
+    model = tiny_model.train()
+    images = torch.randn(4, 3, 64, 64)
+    texts = open_clip.get_tokenizer(TINY)(["a dog", "a cat on a mat", "", "a red car"])
+    losses = {}
+    for impl in ("dense", "chunked"):
+        model.class_loss_impl = impl
+        loss = ClassificationAugmentedLoss(ClipLoss(), 1.0, idf="none")
+        losses[impl] = loss(**model(images, texts), output_dict=True)["class_loss"]
+    torch.testing.assert_close(losses["dense"], losses["chunked"], rtol=1e-5, atol=1e-5)
+
+
+def test_patch_dropout_mean_runs_over_kept_patches():
+    model = open_clip.create_model(TINY, force_patch_dropout=0.5, output_dict=True).train()
+    model.class_loss_impl = "dense"
+    kept = []
+    model.visual.ln_post.register_forward_hook(lambda m, i, o: kept.append(o))
+    model(torch.randn(2, 3, 64, 64), open_clip.get_tokenizer(TINY)(["a", "b"]))
+    assert kept[0].shape[1] == 1 + 64 // 2
+
+
+def test_stock_checkpoint_loads_with_fresh_head_and_other_keys_strict(tmp_path, caplog):
+    stock = open_clip.create_model("ViT-S-32")
+    cfg = open_clip.get_model_config("ViT-S-32")
+    path = tmp_path / "stock.pt"
+    torch.save(stock.state_dict(), path)
+    sc = SuperCLIP(**cfg)
+    fresh_head = sc.class_head.proj.weight.clone()
+    with caplog.at_level("INFO"):
+        open_clip.load_checkpoint(sc, str(path))
+    assert "class_head is not in the checkpoint" in caplog.text
+    assert torch.equal(sc.class_head.proj.weight, fresh_head)
+    assert torch.equal(sc.visual.proj, stock.visual.proj)
+    broken = dict(stock.state_dict())
+    broken.pop("visual.proj")
+    with pytest.raises(RuntimeError, match="visual.proj"):
+        sc.load_state_dict(broken)
+    partial = dict(sc.state_dict())
+    partial.pop("class_head.proj.bias")
+    with pytest.raises(RuntimeError, match="class_head.proj.bias"):
+        sc.load_state_dict(partial)
+
+
+def test_round_trip_stock_superclip_stock():
+    stock = open_clip.create_model("ViT-S-32")
+    sc = SuperCLIP(**open_clip.get_model_config("ViT-S-32"))
+    sc.load_state_dict(stock.state_dict())
+    back = to_stock_state_dict(sc.state_dict())
+    assert back.keys() == stock.state_dict().keys()
+    assert all(torch.equal(back[k], v) for k, v in stock.state_dict().items())
+    prefixed = {"module." + k: v for k, v in sc.state_dict().items()}
+    assert to_stock_state_dict(prefixed).keys() == {"module." + k for k in back}
+
+
+def test_local_dir_save_and_load(tmp_path, tiny_model):
+    tiny_model.class_idf.add_(torch.arange(49408, dtype=torch.float64), 100.0)
+    folder = tmp_path / "m"
+    folder.mkdir()
+    torch.save(tiny_model.state_dict(), folder / "open_clip_pytorch_model.bin")
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": open_clip.get_model_config(TINY)}))
+    loaded = open_clip.create_model(f"local-dir:{folder}")
+    assert type(loaded) is SuperCLIP
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), tiny_model.state_dict().values()))
+    assert loaded.class_idf.doc_freq.dtype == torch.float64
+
+
+def test_statistics_stay_float64_under_half():
+    model = open_clip.create_model(TINY)
+    model.class_idf.add_(torch.full((49408,), 123457.0, dtype=torch.float64), 1e6)
+    model.half()
+    assert model.class_idf.doc_freq.dtype == torch.float64 and model.class_idf.doc_freq[0] == 123457.0
+
+
+def test_unknown_model_error_lists_our_models():
+    with pytest.raises(RuntimeError, match="SuperCLIP-ViT-B-16"):
+        open_clip.create_model("SuperCLIP-ViT-Q-99")
+
+
+@pytest.mark.parametrize("model", ["RN50", "ViT-B-16-SigLIP"])
+def test_head_cannot_attach_to_non_native_vit(model):
+    with pytest.raises(ValueError, match="cannot attach"):
+        check_head_attachable(open_clip.get_model_config(model)["vision_cfg"])
