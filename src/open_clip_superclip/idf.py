@@ -39,7 +39,8 @@ def distinct_caption_tokens(tokens: torch.Tensor, sot_token_id: int, eot_token_i
 def batch_document_frequency(token_ids: torch.Tensor, present: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """float64 [V]: in how many captions of the batch each token occurs (once per caption)."""
     counts = torch.zeros(vocab_size, dtype=torch.float64, device=token_ids.device)
-    return counts.index_add_(0, token_ids[present], torch.ones_like(token_ids[present], dtype=torch.float64))
+    # weighted by `present` rather than boolean-indexed: no device-to-host sync on CUDA
+    return counts.index_add_(0, token_ids.flatten(), present.flatten().to(torch.float64))
 
 
 def idf_weights(doc_freq: torch.Tensor, num_captions: torch.Tensor) -> torch.Tensor:

@@ -86,8 +86,8 @@ class ClassificationAugmentedLoss(nn.Module):
         if self.idf == "fixed":
             return self.fixed_idf_weights.to(ids.device)[ids]
         batch_df = batch_document_frequency(ids, present, self.vocab_size)
-        batch_n = torch.tensor(float(ids.shape[0]), dtype=torch.float64, device=ids.device)
-        counts = _all_reduce_sum(torch.cat([batch_df, batch_n.view(1)]))
+        batch_n = torch.full((1,), float(ids.shape[0]), dtype=torch.float64, device=ids.device)  # no H2D copy
+        counts = _all_reduce_sum(torch.cat([batch_df, batch_n]))
         batch_df, batch_n = counts[:-1], counts[-1]
         stats = self.statistics
         if self.statistics_update == "per_call":

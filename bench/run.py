@@ -1,0 +1,217 @@
+"""`make bench`: SuperCLIP's costs as ratios measured side by side in one run (medians, warm-up excluded).
+
+1. training step time SuperCLIP / CLIP, same towers and batch (fp32 and amp_bf16);
+2. class-loss peak memory chunked / dense at B=1024, V=49408 (CUDA: max_memory_allocated; CPU: the peak of the
+   CPU allocator's running total, rebuilt in time order from torch.profiler's per-op allocations and frees);
+3. class-loss forward+backward time chunked / dense;
+4. the IDF builder against the naive tokenizer loop (bench/bench_idf.py).
+"""
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+
+import open_clip_superclip  # noqa: F401  (activates the plugin even without site hooks)
+import open_clip
+from open_clip.loss import ClipLoss
+from open_clip.model import CLIP
+
+from open_clip_superclip import ClassificationAugmentedLoss, to_stock_state_dict
+from open_clip_superclip.fused_head import fused_head_logsumexp
+from open_clip_superclip.model import ClassHead
+
+REPO = Path(__file__).resolve().parent.parent
+CAPTIONS = ["a photo of a dog on a red sofa", "two cats sleeping in the sun", "a man reading a newspaper",
+            "an aerial view of a city at night with many lights", "a bowl of fruit!", "a red car"]
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _median_time(fn, device, repeats, warmup):
+    times = []
+    for i in range(warmup + repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _interleaved_medians(fns, device, repeats, warmup):
+    """Alternates the candidates step by step so machine noise hits them alike."""
+    samples = {name: [] for name in fns}
+    for i in range(warmup + repeats):
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            if i >= warmup:
+                samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def _tokens(batch, device):
+    tokenizer = open_clip.get_tokenizer("SuperCLIP-ViT-B-16")
+    return tokenizer([CAPTIONS[i % len(CAPTIONS)] for i in range(batch)]).to(device)
+
+
+def step_time_ratio(model_name, batch, precision, device, repeats, warmup):
+    torch.manual_seed(0)
+    superclip = open_clip.create_model(model_name, output_dict=True, device=device)
+    cfg = open_clip.get_model_config(model_name)
+    cfg.pop("superclip_cfg")
+    clip = CLIP(**cfg, output_dict=True).to(device)
+    clip.load_state_dict(to_stock_state_dict(superclip.state_dict()))
+    images = torch.randn(batch, 3, *superclip.visual.image_size, device=device)
+    texts = _tokens(batch, device)
+    losses = {"CLIP": ClipLoss(), "SuperCLIP": ClassificationAugmentedLoss(ClipLoss(), 1.0,
+                                                                           statistics=superclip.class_idf)}
+    models = {"CLIP": clip.train(), "SuperCLIP": superclip.train()}
+    optimizers = {k: torch.optim.AdamW(m.parameters(), lr=1e-5) for k, m in models.items()}
+    dtype = torch.bfloat16 if precision == "amp_bf16" else None
+
+    def step(name):
+        def run():
+            optimizers[name].zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                out = models[name](images, texts)
+                total = sum(losses[name](**out, output_dict=True).values())
+            total.backward()
+            optimizers[name].step()
+        return run
+
+    medians = _interleaved_medians({k: step(k) for k in models}, device, repeats, warmup)
+    del superclip, clip, optimizers
+    return medians["SuperCLIP"] / medians["CLIP"], medians
+
+
+def _class_loss_inputs(batch, width, device):
+    torch.manual_seed(0)
+    head = ClassHead(width, 49408).to(device)
+    features = torch.randn(batch, width, device=device, requires_grad=True)
+    return head, features, _tokens(batch, device)
+
+
+def _class_loss_step(impl, head, features, tokens, loss):
+    if impl == "dense":
+        value = loss.class_loss(tokens, class_logits=head(features))
+    else:
+        lse, token_logits = fused_head_logsumexp(head.norm(features), head.proj.weight, head.proj.bias, tokens)
+        value = loss.class_loss(tokens, class_logsumexp=lse, class_token_logits=token_logits)
+    value.backward()
+
+
+def class_loss_peak_memory(impl, batch, width, device):
+    head, features, tokens = _class_loss_inputs(batch, width, device)
+    loss = ClassificationAugmentedLoss(ClipLoss(), 1.0, idf="none")
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        _class_loss_step(impl, head, features, tokens, loss)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        _class_loss_step(impl, head, features, tokens, loss)
+    # each op's own allocations net of its own frees, plus frees outside any op ("[memory]" events), in time order
+    running = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        running += event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
+        peak = max(peak, running)
+    return peak
+
+
+def class_loss_time(batch, width, device, repeats, warmup):
+    head, features, tokens = _class_loss_inputs(batch, width, device)
+    loss = ClassificationAugmentedLoss(ClipLoss(), 1.0, idf="none")
+    fns = {impl: (lambda impl=impl: _class_loss_step(impl, head, features, tokens, loss))
+           for impl in ("dense", "chunked")}
+    return _interleaved_medians(fns, device, repeats, warmup)
+
+
+def idf_rows(n_captions):
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import bench_idf
+    except ImportError as error:
+        return [("IDF builder", f"not measured ({error})")]
+    return bench_idf.run(n_captions)
+
+
+def machine_line(device):
+    if device.type == "cuda":
+        where = torch.cuda.get_device_name(device)
+    else:
+        where = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    versions = ", ".join(f"{p} {version(p)}" for p in ("torch", "open_clip_torch"))
+    return f"{where}; Python {platform.python_version()}; {versions}"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--model", default="SuperCLIP-ViT-B-16")
+    parser.add_argument("--batch-size", type=int, default=None, help="step-time batch (16 on CPU, 256 on CUDA)")
+    parser.add_argument("--precisions", default=None, help="comma list (CPU: fp32,amp_bf16; CUDA: amp_bf16)")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--class-batch", type=int, default=1024)
+    parser.add_argument("--idf-captions", type=int, default=200_000, help="0 skips the IDF builder benchmark")
+    parser.add_argument("--output", default=str(REPO / "docs" / "benchmarks.md"))
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    on_cuda = device.type == "cuda"
+    batch = args.batch_size or (256 if on_cuda else 16)
+    precisions = (args.precisions or ("amp_bf16" if on_cuda else "fp32,amp_bf16")).split(",")
+    repeats = args.repeats or (20 if on_cuda else 3)
+    width = open_clip.get_model_config(args.model)["vision_cfg"]["width"]
+
+    rows = []
+    for precision in precisions:
+        ratio, medians = step_time_ratio(args.model, batch, precision, device, repeats, warmup=2 if on_cuda else 1)
+        rows.append((f"step time SuperCLIP / CLIP ({args.model}, batch {batch}, {precision})",
+                     f"{ratio:.4f}  ({medians['SuperCLIP']:.3f} s / {medians['CLIP']:.3f} s)"))
+        print(rows[-1], flush=True)
+    memory = {impl: class_loss_peak_memory(impl, args.class_batch, width, device) for impl in ("dense", "chunked")}
+    rows.append((f"class-loss peak memory chunked / dense (B={args.class_batch}, V=49408, W={width})",
+                 f"{memory['chunked'] / memory['dense']:.4f}  ({memory['chunked'] / 2**20:.0f} MiB / "
+                 f"{memory['dense'] / 2**20:.0f} MiB)"))
+    print(rows[-1], flush=True)
+    times = class_loss_time(args.class_batch, width, device, repeats, warmup=2 if on_cuda else 1)
+    rows.append((f"class-loss fwd+bwd time chunked / dense (B={args.class_batch})",
+                 f"{times['chunked'] / times['dense']:.4f}  ({times['chunked'] * 1e3:.1f} ms / "
+                 f"{times['dense'] * 1e3:.1f} ms)"))
+    print(rows[-1], flush=True)
+    if args.idf_captions:
+        rows.extend(idf_rows(args.idf_captions))
+
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    table = [f"### {device.type.upper()} — {stamp}", "", f"Machine: {machine_line(device)}", "",
+             "| measurement | ratio (absolute) |", "|---|---|"]
+    table += [f"| {name} | {value} |" for name, value in rows]
+    text = "\n".join(table) + "\n"
+    print("\n" + text)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    previous = output.read_text() if output.exists() else "# Benchmarks (`make bench`)\n\n"
+    tmp = output.with_name(output.name + ".tmp")
+    tmp.write_text(previous.rstrip() + "\n\n" + text)
+    os.replace(tmp, output)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Real short runs of the stock open_clip trainer with SuperCLIP (issue 3)."""
+import pytest
+import torch
+
+from trainer_utils import (base_args, checkpoint, logged_losses, make_csv, make_wds, run_trainer,
+                           write_tiny_stock_config)
+
+N = 16  # samples: 2 steps at batch 8
+
+
+@pytest.fixture(scope="module")
+def csv_data(tmp_path_factory):
+    return make_csv(tmp_path_factory.mktemp("csv"), n=N)
+
+
+def _ok(result):
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def _assert_superclip_run(logs, name="run", epoch=1, captions=N):
+    sd = checkpoint(logs, name, epoch)["state_dict"]
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    assert sd["class_head.proj.weight"].shape == (49408, 128)
+    assert sd["class_idf.num_captions"].item() == captions
+    assert sd["class_idf.doc_freq"].dtype == torch.float64
+    steps = logged_losses(logs, name)
+    assert len(steps) >= 2 and all({"contrastive_loss", "class_loss"} <= set(s) for s in steps)
+    return sd, steps
+
+
+@pytest.mark.parametrize("launcher,nproc", [(("-m", "open_clip_train.main"), None),
+                                            (("-m", "training.main"), None),
+                                            (("-m", "training.main"), 1)],
+                         ids=["open_clip_train.main", "training.main", "torchrun-training.main"])
+def test_command_forms_train_and_checkpoint(tmp_path, csv_data, launcher, nproc):
+    _ok(run_trainer(base_args(csv_data, tmp_path), launcher=launcher, nproc=nproc))
+    _assert_superclip_run(tmp_path)
+
+
+@pytest.mark.parametrize("extra,check", [
+    (["--precision", "amp_bf16"], None),
+    (["--siglip"], "logit_bias"),
+    (["--force-patch-dropout", "0.5"], None),
+], ids=["amp_bf16", "SuperSigLIP", "SuperFLIP"])
+def test_precisions_and_variants(tmp_path, csv_data, extra, check):
+    _ok(run_trainer(base_args(csv_data, tmp_path) + extra))
+    sd, steps = _assert_superclip_run(tmp_path)
+    if check:
+        assert sd["logit_bias"].item() == pytest.approx(-10, abs=0.1)
+        assert sd["logit_scale"].item() == pytest.approx(2.3026, abs=0.1)
+
+
+def test_webdataset_shards(tmp_path):
+    shards = make_wds(tmp_path / "wds", n=N, shards=2)
+    args = base_args(shards, tmp_path / "logs", dataset_type="webdataset") + ["--train-num-samples", str(N)]
+    _ok(run_trainer(args))
+    _assert_superclip_run(tmp_path / "logs")
+
+
+def test_ddp_two_processes_equal_one_process_on_the_same_global_batch(tmp_path, csv_data):
+    # full-batch epochs: a single process shuffles with the global RNG, DDP with DistributedSampler, so only
+    # the whole dataset is the same global batch in both
+    # (--wd 0: timm optimizers skip no_weight_decay() on a DDP-wrapped model, a stock difference)
+    sgd = ["--opt", "timm/sgd", "--lr", "0.05", "--wd", "0", "--gather-with-grad", "--lr-scheduler", "const"]
+    one = base_args(csv_data, tmp_path / "one", batch=N, epochs=2) + sgd
+    two = base_args(csv_data, tmp_path / "two", batch=N // 2, epochs=2) + sgd
+    _ok(run_trainer(one))
+    _ok(run_trainer(two, nproc=2))
+    sd1, steps1 = _assert_superclip_run(tmp_path / "one", epoch=2, captions=2 * N)
+    sd2, _ = _assert_superclip_run(tmp_path / "two", epoch=2, captions=2 * N)
+    steps2 = logged_losses(tmp_path / "two")
+    assert [s["contrastive_loss"] for s in steps1] == pytest.approx([s["contrastive_loss"] for s in steps2], abs=1e-5)
+    assert torch.equal(sd1["class_idf.doc_freq"], sd2["class_idf.doc_freq"])
+    for key in sd1:
+        torch.testing.assert_close(sd1[key], sd2[key], atol=1e-5, rtol=1e-5, msg=key)
+
+
+def test_accum_freq_equals_one_step_on_the_larger_batch(tmp_path, csv_data):
+    _ok(run_trainer(base_args(csv_data, tmp_path / "big", batch=8)))
+    _ok(run_trainer(base_args(csv_data, tmp_path / "acc", batch=4) + ["--accum-freq", "2"]))
+    sd_big, steps_big = _assert_superclip_run(tmp_path / "big")
+    sd_acc, steps_acc = _assert_superclip_run(tmp_path / "acc")
+    for key in ("class_loss", "contrastive_loss"):
+        assert [s[key] for s in steps_big] == pytest.approx([s[key] for s in steps_acc], abs=1e-5)
+    assert torch.equal(sd_big["class_idf.doc_freq"], sd_acc["class_idf.doc_freq"])
+
+
+def test_resume_restores_statistics_and_matches_uninterrupted_run(tmp_path, csv_data):
+    # one full-batch step per epoch: the stock CSV loader reshuffles from the global RNG, which resume resets
+    full = ["--lr-scheduler", "const"]
+    _ok(run_trainer(base_args(csv_data, tmp_path, "straight", batch=N, epochs=3) + full))
+    _ok(run_trainer(base_args(csv_data, tmp_path, "stopped", batch=N, epochs=1) + full))
+    resumed = base_args(csv_data, tmp_path, "stopped", batch=N, epochs=3) + full + [
+        "--resume", str(tmp_path / "stopped" / "checkpoints" / "epoch_1.pt")]
+    _ok(run_trainer(resumed))
+    straight = checkpoint(tmp_path, "straight", 3)["state_dict"]
+    stopped = checkpoint(tmp_path, "stopped", 3)["state_dict"]
+    assert straight["class_idf.num_captions"].item() == 3 * N
+    for key in straight:
+        assert torch.equal(straight[key], stopped[key]), key
+
+
+def test_stock_run_is_bit_identical_with_the_plugin_installed(tmp_path, csv_data):
+    model = write_tiny_stock_config(tmp_path / "stock_model")
+    runs = {}
+    for label, env in (("plugin", {}), ("vanilla", {"OPEN_CLIP_DISABLE_PLUGINS": "1"})):
+        args = base_args(csv_data, tmp_path / label, model=model)
+        args[args.index("--logs-dir")] = "--logs"  # the stock parser has no --logs-dir
+        _ok(run_trainer(args, launcher=("-m", "open_clip_train.main"), env_extra=env))
+        runs[label] = (logged_losses(tmp_path / label), checkpoint(tmp_path / label)["state_dict"])
+    (losses_a, sd_a), (losses_b, sd_b) = runs["plugin"], runs["vanilla"]
+    assert losses_a == losses_b and len(losses_a) == 2 and "class_loss" not in losses_a[0]
+    assert sd_a.keys() == sd_b.keys()
+    assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+
+
+def test_lambda_turns_a_stock_vit_into_superclip_and_zero_gives_plain_clip(tmp_path, csv_data):
+    model = write_tiny_stock_config(tmp_path / "stock_model")
+    _ok(run_trainer(base_args(csv_data, tmp_path / "on", model=model) + ["--superclip-lambda", "1"]))
+    _assert_superclip_run(tmp_path / "on")
+    _ok(run_trainer(base_args(csv_data, tmp_path / "off") + ["--superclip-lambda", "0"]))
+    sd = checkpoint(tmp_path / "off")["state_dict"]
+    assert not any(k.startswith(("class_head", "class_idf")) for k in sd)
+    assert "class_loss" not in logged_losses(tmp_path / "off")[0]
+
+
+@pytest.mark.parametrize("extra,model,message", [
+    (["--superclip-lambda", "-1"], "SuperCLIP-ViT-Tiny", "--superclip-lambda must be a finite number >= 0"),
+    (["--superclip-idf", "bogus"], "SuperCLIP-ViT-Tiny", "--superclip-idf must be one of"),
+    (["--superclip-lambda", "1"], "RN50", "cannot be used with --model RN50"),
+    (["--superclip-idf", "none"], "RN50", "--superclip-idf has no effect"),
+])
+def test_bad_flags_exit_2_and_write_nothing(tmp_path, csv_data, extra, model, message):
+    result = run_trainer(base_args(csv_data, tmp_path / "logs", model=model) + extra)
+    assert result.returncode == 2
+    assert message in result.stderr and "usage:" in result.stderr
+    assert not (tmp_path / "logs").exists()
+
+
+def test_help_lists_our_group():
+    result = run_trainer(["--help"])
+    assert result.returncode == 0
+    assert "SuperCLIP (open_clip_superclip):" in result.stdout and "--superclip-lambda FLOAT" in result.stdout
+
+
+def test_short_aliases_get_vit_optimizer_defaults():
+    from open_clip_train.params import parse_args
+    for name in ("SuperCLIP-L-14", "SuperCLIP-ViT-L-14", "ViT-B-16"):
+        args = parse_args(["--model", name])
+        assert (args.beta2, args.eps) == (0.98, 1e-6), name
+    assert parse_args(["--model", "RN50"]).beta2 == 0.999
+    assert parse_args(["--model", "SuperSigLIP-B-16"]).siglip
