@@ -1,5 +1,10 @@
 """Auto-activation through the start-up hook and the ``open_clip.plugins`` entry points, in fresh interpreters."""
-from conftest import run_python
+import os
+import sysconfig
+
+from conftest import REPO, run_python
+
+SRC = os.path.join(REPO, "src")
 
 PRINT_CLASS = "import open_clip; print(type(open_clip.create_model('SuperCLIP-ViT-Tiny')).__name__)"
 
@@ -21,7 +26,9 @@ def test_opt_out_variable_makes_them_absent_and_explicit_import_brings_them_back
 
 def test_explicit_import_works_without_site_hooks():
     # -S skips site-packages .pth files: the explicit import is the way in
-    result = run_python("import site, sys; sys.path[:0] = site.getsitepackages(); "
+    # (the editable install's own path hook is a .pth too, so the source folder is added by hand)
+    paths = [sysconfig.get_paths()["purelib"], SRC]
+    result = run_python(f"import sys; sys.path[:0] = {paths!r}; "
                         "import open_clip_superclip, open_clip; print(open_clip.get_model_config('SuperCLIP-L-14') "
                         "is not None)", args=("-S",))
     assert result.stdout.strip() == "True", result.stderr
@@ -35,5 +42,6 @@ def test_unrelated_interpreter_start_imports_nothing_heavy():
 
 
 def test_training_patches_load_with_open_clip_train():
-    result = run_python("import open_clip_train.params as p; print(p.parse_args.__module__)")
-    assert result.stdout.strip().startswith("training_ext"), result.stderr
+    result = run_python("import open_clip_train.params as p; print(p.argparse.ArgumentParser.__module__, "
+                        "'--superclip-lambda' in p.argparse.ArgumentParser()._option_string_actions)")
+    assert result.stdout.split() == ["open_clip_superclip.upstream_patches", "True"], result.stderr

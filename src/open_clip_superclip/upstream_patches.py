@@ -170,6 +170,7 @@ def install_training():
 
 def install_trainer_process():
     """Patches that only a process running open_clip_train's main needs (called when its arguments are parsed)."""
+    install_fault_tolerance()  # before the once-check: open_clip_train.main may be imported after a first parse
     if not _once("trainer_process"):
         return
     import torch
@@ -178,3 +179,98 @@ def install_trainer_process():
     # Checked on open_clip_torch 3.3.0 with torch 2.14.
     torch.nn.parallel.DistributedDataParallel = _ddp_accepting_cpu_device_ids(
         _require(torch.nn.parallel, "DistributedDataParallel"))
+    install_dual_caption_data()
+
+
+def install_dual_caption_data():
+    """DualCaption / caption mixing on the stock training data paths (training_ext.dual_caption). Without its
+    flags every patched function delegates to the stock one unchanged. Idempotent."""
+    if not _once("dual_caption_data"):
+        return
+    from open_clip_train import data
+    from training_ext import dual_caption
+
+    # open_clip_train.data.get_wds_dataset / get_csv_dataset(args, preprocess_fn, is_train, epoch=0,
+    # tokenizer=None): get_data reaches them through get_dataset_fn, which resolves the module-global names at
+    # call time (get_data itself is bound into open_clip_train.main by name before our flags are parsed).
+    # Checked on open_clip_torch 3.0-3.3.
+    data.get_wds_dataset = dual_caption.train_dataset_fn(_require(data, "get_wds_dataset"), "webdataset")
+    data.get_csv_dataset = dual_caption.train_dataset_fn(_require(data, "get_csv_dataset"), "csv")
+    # open_clip_train.data.CsvDataset(input_filename, transforms, img_key, caption_key, sep, tokenizer): built by
+    # get_csv_dataset through the module-global name; the subclass only differs when given a DualCaption
+    # tokenizer. Checked on open_clip_torch 3.0-3.3.
+    if _require(data, "CsvDataset") is not dual_caption.DualCaptionCsvDataset.__base__:
+        raise UpstreamMoved("open_clip_train.data.CsvDataset was replaced by someone else")
+    data.CsvDataset = dual_caption.DualCaptionCsvDataset
+
+
+def insert_wds_sample_stage(data_info, stage):
+    """Runs ``stage`` over the raw samples of a training DataInfo built by open_clip_train's get_wds_dataset.
+
+    open_clip_train.data.get_wds_dataset (training branch): ``data_info.dataloader`` is a wds.WebLoader (itself a
+    DataPipeline whose first stage is a torch DataLoader) over a wds.DataPipeline whose ``pipeline`` list holds
+    the module-level ``tarfile_to_samples_nothrow`` (samples as dicts of raw bytes, before shuffle / select /
+    decode / rename / tokenize); the stage goes right after it. Checked on open_clip_torch 3.0-3.3 with
+    webdataset 0.2.
+    """
+    from open_clip_train import data
+    reader = _require(data, "tarfile_to_samples_nothrow")
+    loader = (getattr(data_info.dataloader, "pipeline", None) or [None])[0]
+    stages = getattr(getattr(loader, "dataset", None), "pipeline", None)
+    index = next((i for i, s in enumerate(stages or ()) if s is reader), None)
+    if not isinstance(stages, list) or index is None:
+        raise UpstreamMoved("open_clip_train.data.get_wds_dataset no longer builds a wds.DataPipeline with "
+                            f"tarfile_to_samples_nothrow as a stage; open_clip_superclip was checked against "
+                            f"open_clip_torch {CHECKED_OPEN_CLIP}")
+    stages.insert(index + 1, stage)
+
+
+def _trainer_main_modules():
+    """open_clip_train.main as imported (``-m training.main``), or running as ``__main__``
+    (``-m open_clip_train.main``: then its globals exist only in that module, fully defined once main() runs)."""
+    import sys
+    modules = (sys.modules.get(key) for key in ("open_clip_train.main", "__main__"))
+    return [m for m in modules if getattr(getattr(m, "__spec__", None), "name", None) == "open_clip_train.main"]
+
+
+def install_fault_tolerance():
+    """Atomic checkpoints, a ``--resume latest`` that skips broken files, the non-finite loss guard
+    (training_ext.fault_tolerance, docs/fault_tolerance.md). Idempotent per trainer module."""
+    import types
+
+    import torch
+    from open_clip_train import train
+    from training_ext import fault_tolerance
+
+    if _once("fault_tolerance:train"):
+        # open_clip_train.train.backward(total_loss, scaler): train_one_epoch calls it through the module-global
+        # name once per micro-batch. Delegates unchanged outside a guarded epoch. Checked on open_clip_torch 3.0-3.3.
+        train.backward = fault_tolerance.guarded_backward(_require(train, "backward"))
+    for main in _trainer_main_modules():
+        if not _once(f"fault_tolerance:{main.__name__}"):
+            continue
+        # open_clip_train.main.get_latest_checkpoint(path, remote): main() calls it through the module-global name
+        # for --resume latest (without --save-most-recent); it returned the last `*.pt` in natural_key order
+        # whether or not it loads. Ours keeps that order and pt_load as the loader. Checked on 3.0-3.3.
+        stock_latest = _require(main, "get_latest_checkpoint")
+        natural_key, pt_load = _require(main, "natural_key"), _require(main, "pt_load")
+
+        @functools.wraps(stock_latest)
+        def get_latest_checkpoint(path, remote, natural_key=natural_key, pt_load=pt_load):
+            return fault_tolerance.latest_loadable_checkpoint(
+                path, remote, sort_key=natural_key, load=lambda p: pt_load(p, map_location="cpu"))
+
+        main.get_latest_checkpoint = get_latest_checkpoint
+        # open_clip_train.main.main writes every checkpoint with `torch.save(checkpoint_dict, path)` through its
+        # module-global name `torch` (epoch_N.pt in place; tmp.pt then os.replace for --save-most-recent): that
+        # name becomes torch with an atomic save. Checked on open_clip_torch 3.0-3.3.
+        if _require(main, "torch") is not torch:
+            raise UpstreamMoved("open_clip_train.main.torch is not torch: someone else replaced it")
+        torch_with_atomic_save = types.ModuleType(torch.__name__, torch.__doc__)
+        torch_with_atomic_save.__getattr__ = functools.partial(getattr, torch)
+        torch_with_atomic_save.save = fault_tolerance.atomic_save
+        main.torch = torch_with_atomic_save
+        # open_clip_train.train.train_one_epoch, imported by name into open_clip_train.main and called once per
+        # epoch with (model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args, tb_writer=).
+        # Checked on open_clip_torch 3.0-3.3.
+        main.train_one_epoch = fault_tolerance.guarded_train_one_epoch(_require(main, "train_one_epoch"))

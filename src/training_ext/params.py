@@ -9,6 +9,7 @@ SUPERCLIP_DEFAULTS = {
     "superclip_lambda": 1.0,
     "superclip_idf": "online",
     "superclip_loss_impl": "auto",
+    "superclip_max_bad_steps": 20,
 }
 
 
@@ -23,9 +24,17 @@ def add_superclip_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--superclip-idf", default=None, metavar="{online,none,PATH}",
                        help="Class-target weights: online running IDF (default), none (uniform), or a counts file "
                             "written by `superclip idf` (fixed weights).")
+    group.add_argument("--logs-dir", dest="logs", default=argparse.SUPPRESS, metavar="DIR",
+                       help="Same as --logs; torchrun rejects --logs as an ambiguous abbreviation of its own "
+                            "--logs-specs, so use this spelling under torchrun.")
     group.add_argument("--superclip-loss-impl", choices=["auto", "dense", "chunked"], default=None,
                        help="Class loss implementation: chunked never materialises [batch, vocab]; auto picks the "
                             "faster one for the device (default).")
+    group.add_argument("--superclip-max-bad-steps", type=int, default=None, metavar="N",
+                       help="Optimizer steps with a NaN/inf loss are skipped; more than N consecutive ones stop the "
+                            "run (exit 1) after saving the last good state (default 20; 0 stops at the first).")
+    from training_ext.dual_caption import add_dual_caption_args
+    add_dual_caption_args(parser)
 
 
 def _given(args, name):
@@ -45,6 +54,8 @@ def finalize_superclip_args(parser: argparse.ArgumentParser, args: argparse.Name
     if idf is not None and idf not in IDF_MODES and not os.path.exists(idf):
         parser.error(f"--superclip-idf must be one of {', '.join(IDF_MODES)} or an existing IDF counts file "
                      f"(written by `superclip idf`), got {idf!r}")
+    if args.superclip_max_bad_steps is not None and args.superclip_max_bad_steps < 0:
+        parser.error(f"--superclip-max-bad-steps must be >= 0, got {args.superclip_max_bad_steps}")
 
     super_model = superclip_config(args.model) is not None
     args.superclip = super_model and lam != 0 or bool(lam)
@@ -61,6 +72,8 @@ def finalize_superclip_args(parser: argparse.ArgumentParser, args: argparse.Name
     for name, default in SUPERCLIP_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, default if args.superclip or name != "superclip_lambda" else lam)
+    from training_ext.dual_caption import finalize_dual_caption_args
+    finalize_dual_caption_args(parser, args)
     hooks.start_run(args)
     install_trainer_process()
     return args

@@ -1,0 +1,158 @@
+"""Benchmark of `superclip idf` against the naive loop (SimpleTokenizer.encode per caption, set of ids).
+
+Prints captions/s of the naive loop, of the in-memory counter, and of the whole builder (reading
+webdataset shards from disk) with 1 and 2 processes, the speed-up ratios, and checks that every
+method gives identical counts. `run(n_captions)` returns the rows for the `make bench` script.
+
+    python bench/bench_idf.py [--captions 200000] [--shards 8]
+"""
+
+import argparse
+import gzip
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+try:
+    import open_clip_superclip.idf_build  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import numpy as np  # noqa: E402
+
+from open_clip_superclip import idf_build as B  # noqa: E402
+
+_NON_ASCII = ["caf\u00e9", "na\u00efve", "M\u00fcnchen", "S\u00e3o", "\u00e9t\u00e9", "\u6771\u4eac", "\u5317\u4eac",
+              "\U0001F600", "\U0001F389", "\u2764\ufe0f", "\u201cnew\u201d", "\u2014", "\u00bd", "\u00b0C"]
+_ENTITIES = ["&amp;", "&#39;s", "&quot;", "&nbsp;"]
+_PUNCT = [",", ".", "!", ":", ";", "...", "?", " -", " |", " /"]
+_TEMPLATES = ["{} ", "{} ", "{} ", "{} ", "({}) ", "\"{}\" ", "#{} ", "{}'s "]
+
+
+def _vocabulary(size: int):
+    """Real English-like words: whole-word entries of the CLIP BPE merges, most frequent first."""
+    with gzip.open(B._tokenizer_module().default_bpe()) as f:
+        merges = f.read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    words = []
+    for m in merges:
+        w = m.replace(" ", "")
+        if w.endswith("</w>") and w[:-4].isalpha() and w[:-4].isascii() and len(w) > 5:
+            words.append(w[:-4])
+        if len(words) >= size:
+            break
+    return words
+
+
+def make_captions(n: int, seed: int = 0, vocab_size: int = 5000, special_share: float = 0.08):
+    """Varied captions: Zipf-distributed words, capitals, punctuation, numbers, URLs, ~3% long captions
+    (80-250 words), and `special_share` of captions with non-ASCII text or HTML entities (these take
+    open_clip's full ftfy cleaning, as in the naive loop)."""
+    rng = random.Random(seed)
+    vocab = _vocabulary(vocab_size)
+    weights = [1.0 / (r + 10) for r in range(len(vocab))]
+    pick = iter(rng.choices(vocab, weights, k=n * 40))
+    out = []
+    for _ in range(n):
+        long = rng.random() < 0.03
+        k = rng.randint(80, 250) if long else rng.randint(3, 22)
+        parts = []
+        for _ in range(k):
+            try:
+                w = next(pick)
+            except StopIteration:
+                w = rng.choice(vocab)
+            r = rng.random()
+            if r < 0.12:
+                w = w.capitalize()
+            elif r < 0.14:
+                w = w.upper()
+            elif r < 0.19:
+                w = str(rng.choice([rng.randint(0, 100), rng.randint(1900, 2024), rng.randint(100, 99999)]))
+            elif r < 0.192:
+                w = f"https://www.{rng.choice(vocab)}.com/{rng.choice(vocab)}/{rng.randint(1, 9999)}.jpg"
+            parts.append(rng.choice(_TEMPLATES).format(w))
+            if rng.random() < 0.08:
+                parts[-1] = parts[-1].rstrip() + rng.choice(_PUNCT) + " "
+        if rng.random() < special_share:
+            for _ in range(rng.randint(1, 2)):
+                parts.insert(rng.randrange(len(parts) + 1), rng.choice(_NON_ASCII + _ENTITIES) + " ")
+        out.append("".join(parts).strip())
+    return out
+
+
+def _write_shards(caps, directory: str, nshards: int):
+    import webdataset as wds
+
+    paths = []
+    per = (len(caps) + nshards - 1) // nshards
+    for s in range(nshards):
+        p = os.path.join(directory, f"bench-{s:04d}.tar")
+        with wds.TarWriter(p) as w:
+            for i, c in enumerate(caps[s * per:(s + 1) * per]):
+                w.write({"__key__": f"{s:04d}{i:07d}", "txt": c, "json": {"caption": c, "width": 640}})
+        paths.append(p)
+    return paths
+
+
+def _cold():
+    """Forget every cache so each builder run starts as a fresh process would."""
+    B._COUNTERS.clear()
+    tok = B.get_tokenizer("")
+    tok.cache = {t: t for t in ("<start_of_text>", "<end_of_text>")}
+
+
+def run(n_captions: int = 200_000, nshards: int = 8, seed: int = 0):
+    """Rows (name, value) of the benchmark; asserts identical counts across methods."""
+    rows = [("captions", n_captions), ("cpu cores", os.cpu_count())]
+    caps = make_captions(n_captions, seed)
+    rows.append(("non-ASCII or '&' captions %", round(100.0 * sum(not c.isascii() or "&" in c for c in caps) / len(caps), 2)))
+
+    naive_tok = B._tokenizer_module().SimpleTokenizer()
+    t = time.perf_counter()
+    ref, n = B.naive_doc_freq(caps, naive_tok)
+    naive = n / (time.perf_counter() - t)
+    rows.append(("naive loop captions/s", round(naive)))
+
+    _cold()
+    counter = B.DocFreqCounter(B.get_tokenizer(""))
+    t = time.perf_counter()
+    counter.add_many(caps)
+    df, m = counter.result()
+    core = m / (time.perf_counter() - t)
+    assert m == n and np.array_equal(df, ref), "counter differs from the naive loop"
+    rows.append(("counter (in memory) captions/s", round(core)))
+
+    identical = True
+    with tempfile.TemporaryDirectory() as d:
+        shards = _write_shards(caps, d, nshards)
+        for jobs in (1, 2):
+            _cold()
+            out = os.path.join(d, f"out{jobs}.npz")
+            t = time.perf_counter()
+            rc = B.main([*shards, "-o", out, "-j", str(jobs), "--no-progress"])
+            rate = n / (time.perf_counter() - t)
+            got = B.load_idf_counts(out)
+            identical &= rc == 0 and got.num_captions == n and np.array_equal(got.doc_freq.numpy(), ref)
+            rows.append((f"builder -j {jobs} (shards on disk) captions/s", round(rate)))
+            rows.append((f"builder -j {jobs} / naive", round(rate / naive, 1)))
+    rows.insert(4, ("counter / naive", round(core / naive, 1)))
+    rows.append(("counts identical to naive", identical))
+    assert identical, "builder counts differ from the naive loop"
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--captions", type=int, default=200_000)
+    ap.add_argument("--shards", type=int, default=8)
+    a = ap.parse_args(argv)
+    for name, value in run(a.captions, a.shards):
+        print(f"{name:45s} {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

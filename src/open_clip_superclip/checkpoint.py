@@ -1,0 +1,404 @@
+"""Checkpoints in and out: `superclip export` (to a stock open_clip folder) and `superclip convert-official`
+(from the official hustvl/SuperCLIP implementation), plus the run settings a trainer checkpoint was made with.
+
+Trainer checkpoints (``epoch_N.pt``: ``state_dict`` + optimizer state) and bare state dicts both load through
+open_clip's own ``load_state_dict`` (``weights_only=True``, ``state_dict`` nesting and ``module.`` stripped), the
+same path ``clip_benchmark eval --pretrained CKPT`` takes.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from .idf_build import _atomic_write_bytes
+from .make_wds import is_nonempty_dir, staging_dir
+from .model import to_stock_state_dict
+from .registry import list_superclip_models, superclip_config
+
+OFFICIAL_GLOBAL_BATCH_SIZE = 16384  # the official recipe (SPEC.md section 1)
+OFFICIAL_MODEL_BY_VISUAL_WIDTH = {768: "SuperCLIP-ViT-B-16", 1024: "SuperCLIP-ViT-L-16"}
+EXPORT_CONFIG_NAME = "open_clip_config.json"
+SCHEMA_PREFIXES = ("local-dir:", "hf-hub:")  # open_clip model names whose weights come with the name
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as asked; the message says what to change."""
+
+
+@contextlib.contextmanager
+def _readable_checkpoint(path):
+    """Turns the ways torch/open_clip fail to read a checkpoint file into CheckpointErrors that say what to do."""
+    import pickle
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        yield str(path)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"{path} holds objects other than tensors and plain containers, so it cannot be read with "
+            f"torch.load(weights_only=True). If you trust the file, re-save its weights: "
+            f"torch.save(torch.load(path, weights_only=False)['state_dict'], new_path). ({error})") from error
+
+
+def load_checkpoint_state_dict(path) -> dict:
+    """The model weights of a trainer checkpoint or a bare state dict (torch pickle or .safetensors).
+
+    Uses open_clip's loader, so it accepts exactly what ``create_model(name, pretrained=path)`` accepts.
+    """
+    from open_clip.factory import load_state_dict
+    with _readable_checkpoint(path) as path:
+        try:
+            state_dict = load_state_dict(path, device="cpu", weights_only=True)
+        except (StopIteration, AttributeError):  # open_clip peeks at the first key of what it expects is a dict
+            state_dict = None
+        except (RuntimeError, EOFError, OSError) as error:
+            raise CheckpointError(f"cannot read {path}: {error}") from error
+    if not isinstance(state_dict, dict) or not state_dict:
+        raise CheckpointError(f"{path} holds no state dict (a dict of tensors, or one under 'state_dict')")
+    return state_dict
+
+
+# --------------------------------------------------------------------------------------------- run settings
+# Trainer flags that change the model or its preprocessing without being visible in the weights.
+_PREPROCESS_FLAGS = {"image_mean": "mean", "image_std": "std", "image_interpolation": "interpolation",
+                     "image_resize_mode": "resize_mode"}
+_ARCHITECTURE_FLAGS = ("force_quick_gelu", "force_image_size", "force_context_length")
+
+
+@dataclass
+class RunSettings:
+    """What a training run's params.txt says about how to rebuild its model."""
+    params_path: Optional[Path] = None
+    model: Optional[str] = None
+    superclip: bool = False
+    architecture: dict = field(default_factory=dict)  # force_* flags that were set
+    preprocess: dict = field(default_factory=dict)  # PreprocessCfg keys that were set
+
+    def non_default_flags(self) -> list[str]:
+        names = list(self.architecture) + [k for k, v in _PREPROCESS_FLAGS.items() if v in self.preprocess]
+        return [f"--{name.replace('_', '-')}" for name in names]
+
+
+def _literal(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def read_run_settings(checkpoint) -> RunSettings:
+    """Reads ``LOGS/NAME/params.txt`` for a checkpoint at ``LOGS/NAME/checkpoints/epoch_N.pt`` (open_clip_train's
+    layout); empty settings for a checkpoint elsewhere."""
+    checkpoint = Path(checkpoint).absolute()
+    params_path = checkpoint.parent.parent / "params.txt"
+    if checkpoint.parent.name != "checkpoints" or not params_path.is_file():
+        return RunSettings()
+    params = {}
+    for line in params_path.read_text(encoding="utf-8").splitlines():
+        name, sep, value = line.partition(": ")
+        if sep:
+            params[name.strip()] = _literal(value.strip())
+    settings = RunSettings(params_path=params_path, model=params.get("model") or None,
+                           superclip=params.get("superclip") is True)
+    for name in _ARCHITECTURE_FLAGS:
+        if params.get(name) not in (None, False, ""):
+            settings.architecture[name] = params[name]
+    for name, key in _PREPROCESS_FLAGS.items():
+        if params.get(name) not in (None, ""):
+            value = params[name]
+            settings.preprocess[key] = tuple(value) if isinstance(value, list) else value
+    return settings
+
+
+def apply_architecture_flags(model_cfg: dict, architecture: dict) -> dict:
+    """The model config as open_clip's factory builds it under the trainer's force_* flags."""
+    if architecture.get("force_quick_gelu"):
+        model_cfg["quick_gelu"] = True
+    if "force_image_size" in architecture:
+        model_cfg["vision_cfg"]["image_size"] = architecture["force_image_size"]
+    if "force_context_length" in architecture:
+        model_cfg["text_cfg"]["context_length"] = architecture["force_context_length"]
+    return model_cfg
+
+
+def superclip_counterpart(model_name: str) -> Optional[str]:
+    """The SuperCLIP model whose towers are exactly those of stock ``model_name`` (ViT-B-16 -> SuperCLIP-ViT-B-16):
+    a stock ViT trained with ``--superclip-lambda`` has a head its stock config cannot load."""
+    import open_clip
+    stock = open_clip.get_model_config(model_name)
+    if stock is None:
+        return None
+    for name in sorted(list_superclip_models(), key=lambda n: "-ViT-" not in n):  # canonical names before aliases
+        config = open_clip.get_model_config(name)
+        config.pop("superclip_cfg")
+        if config == stock:
+            return name
+    return None
+
+
+# --------------------------------------------------------------------------------------------------- export
+def export_stock(checkpoint, out_dir, model_name: Optional[str] = None, force: bool = False) -> Path:
+    """Writes a folder that vanilla open_clip loads with ``local-dir:OUT_DIR``: the towers of the checkpoint's
+    model, without the class head and IDF statistics, and the preprocessing the model was trained with."""
+    import open_clip
+    import torch
+    from open_clip.model import CLIP
+
+    out_dir = Path(out_dir)
+    if is_nonempty_dir(out_dir) and not force:
+        raise CheckpointError(f"{out_dir} exists and is not empty (use --force to replace it)")
+    settings = read_run_settings(checkpoint)
+    model_name = model_name or settings.model
+    if not model_name:
+        raise CheckpointError(f"{checkpoint} is not in a training run folder with a params.txt: pass --model NAME")
+    if model_name.startswith(SCHEMA_PREFIXES):
+        raise CheckpointError(f"--model must name a model config, not {model_name!r} (open_clip ignores a "
+                              f"checkpoint for local-dir:/hf-hub: models, and their folders are stock already)")
+    model_cfg = open_clip.get_model_config(model_name)
+    if model_cfg is None:
+        raise CheckpointError(f"unknown model {model_name!r}: see `python -c 'import open_clip; "
+                              f"print(open_clip.list_models())'`")
+    if model_cfg.get("custom_text") or "hf_model_name" in model_cfg.get("text_cfg", {}):
+        raise CheckpointError(f"{model_name} has a custom text tower: export writes open_clip CLIP models only")
+    model_cfg = apply_architecture_flags(model_cfg, settings.architecture)
+    superclip_cfg = model_cfg.pop("superclip_cfg", None) or {}
+    # Built from the very config that is written out, plus the head (kept fresh if the weights have none), and
+    # loaded strictly by open_clip's own checkpoint loader: what clip_benchmark does with --pretrained.
+    with _readable_checkpoint(checkpoint) as path:
+        try:
+            model = open_clip.create_model(model_name, pretrained=path, **model_cfg, superclip_cfg=superclip_cfg,
+                                           force_preprocess_cfg=settings.preprocess)
+        except (RuntimeError, ValueError, AssertionError) as error:  # open_clip asserts on some size mismatches
+            raise CheckpointError(f"{checkpoint} does not load into {model_name}: {error or type(error).__name__}"
+                                  ) from error
+
+    stock_state = {k: v.detach().contiguous() for k, v in to_stock_state_dict(model.state_dict()).items()}
+    with torch.device("meta"):
+        expected = CLIP(**model_cfg).state_dict()
+    mismatched = sorted(set(expected) ^ set(stock_state)) + sorted(
+        k for k in set(expected) & set(stock_state) if expected[k].shape != stock_state[k].shape)
+    if mismatched:
+        raise CheckpointError(f"the stock CLIP of {model_name}'s config does not match these weights: {mismatched}")
+
+    config = {"model_cfg": model_cfg, "preprocess_cfg": dict(model.visual.preprocess_cfg)}
+    with staging_dir(out_dir) as staging:
+        (staging / EXPORT_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        _save_state_dict(stock_state, staging / _weights_file_name())
+    return out_dir
+
+
+def _weights_file_name() -> str:
+    try:
+        import safetensors.torch  # noqa: F401
+    except ImportError:
+        return "open_clip_pytorch_model.bin"
+    return "open_clip_model.safetensors"
+
+
+def _save_state_dict(state_dict: dict, path: Path) -> None:
+    """Atomically; safetensors for a .safetensors name, else a torch pickle (both read by open_clip)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save
+        data = save(state_dict)
+        _atomic_write_bytes(path, lambda f: f.write(data))
+    else:
+        import torch
+        _atomic_write_bytes(path, lambda f: torch.save(state_dict, f))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)  # the temp file was created 0600
+
+
+def export_main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="superclip export",
+        description="Write a SuperCLIP checkpoint as a stock open_clip model folder (class head and IDF statistics "
+                    "dropped): load it with open_clip.create_model_and_transforms('local-dir:OUT_DIR'), no plugin "
+                    "needed. Image and text embeddings are those of the SuperCLIP model.")
+    parser.add_argument("checkpoint", help="trainer checkpoint (epoch_N.pt) or bare state dict (.pt/.safetensors)")
+    parser.add_argument("out_dir", help="output folder (written atomically)")
+    parser.add_argument("--model", help="model config name (default: from the run's params.txt next to "
+                                        "checkpoints/; required for files outside a training run folder)")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    args = parser.parse_args(argv)
+    try:
+        out = export_stock(args.checkpoint, args.out_dir, args.model, args.force)
+    except CheckpointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}: load it with open_clip.create_model_and_transforms('local-dir:{out}')")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ convert-official
+# Official hustvl/SuperCLIP names -> ours. The vision tower, logit_scale and logit_bias keep their names.
+_OFFICIAL_PREFIXES = (
+    ("text.token_embedding.", "token_embedding."),
+    ("text.transformer.", "transformer."),
+    ("text.ln_final.", "ln_final."),
+    ("text_decoder.ln_mlp.", "class_head.norm."),
+    ("text_decoder.text_projection.", "class_head.proj."),
+)
+_OFFICIAL_NAMES = {
+    "text.positional_embedding": "positional_embedding",
+    "text.text_projection": "text_projection",
+    # the running IDF statistics (float64 buffers), at the top level or in the head module
+    "cap_fq": "class_idf.doc_freq",
+    "text_decoder.cap_fq": "class_idf.doc_freq",
+    "num_samples": "class_idf.num_captions",
+    "text_decoder.num_samples": "class_idf.num_captions",
+}
+_KEPT_PREFIXES = ("visual.",)
+_KEPT_NAMES = ("logit_scale", "logit_bias")
+
+
+def our_key(official_key: str) -> Optional[str]:
+    """Our name for an official key, None for a key the official layout does not have."""
+    if official_key.startswith(_KEPT_PREFIXES) or official_key in _KEPT_NAMES:
+        return official_key
+    if official_key in _OFFICIAL_NAMES:
+        return _OFFICIAL_NAMES[official_key]
+    for official, ours in _OFFICIAL_PREFIXES:
+        if official_key.startswith(official):
+            return ours + official_key[len(official):]
+    return None
+
+
+def official_key(key: str) -> str:
+    """The official name of one of our keys (for error messages)."""
+    for official, ours in _OFFICIAL_PREFIXES:
+        if key.startswith(ours):
+            return official + key[len(ours):]
+    names = [official for official, ours in _OFFICIAL_NAMES.items() if ours == key]
+    return names[0] if names else key
+
+
+def infer_official_model(state_dict: dict) -> str:
+    conv = state_dict.get("visual.conv1.weight")
+    width = None if conv is None else conv.shape[0]
+    if width not in OFFICIAL_MODEL_BY_VISUAL_WIDTH:
+        raise CheckpointError(
+            f"cannot infer the model from the vision width {width} (official models: "
+            f"{', '.join(f'{w} -> {n}' for w, n in OFFICIAL_MODEL_BY_VISUAL_WIDTH.items())}): pass --model NAME")
+    return OFFICIAL_MODEL_BY_VISUAL_WIDTH[width]
+
+
+def _convert_statistics(converted: dict, global_batch_size: int) -> None:
+    """Official statistics are per-step FRACTIONS of the global batch; ours are caption counts."""
+    import torch
+    doc_freq = converted["class_idf.doc_freq"].to(torch.float64) * global_batch_size
+    num_captions = converted["class_idf.num_captions"].to(torch.float64) * global_batch_size
+    if not (torch.isfinite(doc_freq).all() and torch.isfinite(num_captions)):
+        raise CheckpointError("the IDF statistics (cap_fq / num_samples) hold NaN or infinite values")
+    if doc_freq.min() < 0 or num_captions < 0 or doc_freq.max() > num_captions * (1 + 1e-9):
+        raise CheckpointError(
+            f"the IDF statistics are inconsistent: cap_fq must lie in [0, num_samples] (cap_fq in "
+            f"[{doc_freq.min() / global_batch_size:g}, {doc_freq.max() / global_batch_size:g}], "
+            f"num_samples {float(num_captions) / global_batch_size:g})")
+    off_integer = max(float((doc_freq - doc_freq.round()).abs().max()),
+                      float((num_captions - num_captions.round()).abs()))
+    if off_integer > 1e-3:
+        print(f"warning: cap_fq * {global_batch_size} is not a whole number of captions (off by up to "
+              f"{off_integer:.3g}): was the model trained with another global batch size? "
+              f"(--global-batch-size)", file=sys.stderr)
+    converted["class_idf.doc_freq"] = doc_freq
+    converted["class_idf.num_captions"] = num_captions
+
+
+def convert_official_state_dict(state_dict: dict, model_name: Optional[str] = None,
+                                global_batch_size: int = OFFICIAL_GLOBAL_BATCH_SIZE) -> tuple[str, dict]:
+    """(model name, our state dict) from an official state dict; every key accounted for or a CheckpointError."""
+    import torch
+
+    if not (isinstance(global_batch_size, int) and global_batch_size > 0):
+        raise CheckpointError(f"the global batch size must be a positive integer, got {global_batch_size!r}")
+    converted, unknown, duplicated = {}, [], []
+    for key, value in state_dict.items():
+        ours = our_key(key)
+        if ours is None:
+            unknown.append(key)
+        elif ours in converted:
+            duplicated.append(key)
+        else:
+            converted[ours] = value
+    if unknown:
+        hint = (" (this looks like an open_clip or open_clip_superclip checkpoint already: use it directly)"
+                if any(k.startswith(("class_head.", "class_idf.", "transformer.")) for k in unknown) else "")
+        raise CheckpointError(f"{len(unknown)} key(s) not in the official SuperCLIP layout{hint}: {sorted(unknown)}")
+    if duplicated:
+        raise CheckpointError(f"key(s) given twice (top level and under text_decoder.): {sorted(duplicated)}")
+
+    model_name = model_name or infer_official_model(converted)
+    config = superclip_config(model_name)
+    if config is None:
+        raise CheckpointError(f"--model {model_name} is not a SuperCLIP model (choose from "
+                              f"{', '.join(list_superclip_models())})")
+    from .model import SuperCLIP
+    with torch.device("meta"):
+        expected = SuperCLIP(**config).state_dict()
+    missing = sorted(official_key(k) for k in expected if k not in converted)
+    extra = sorted(official_key(k) for k in converted if k not in expected)
+    if missing or extra:
+        parts = [f"missing {missing}"] if missing else []
+        parts += [f"not in {model_name}: {extra}"] if extra else []
+        raise CheckpointError(f"the checkpoint does not fit {model_name}: {'; '.join(parts)}")
+    # official [1, V] / [1, 1] statistics and scalar-vs-1d logit scales differ from ours only in shape
+    for name in ("logit_scale", "logit_bias", "class_idf.doc_freq", "class_idf.num_captions"):
+        if name in converted and converted[name].numel() == expected[name].numel():
+            converted[name] = converted[name].reshape(expected[name].shape)
+    wrong_shape = [f"{official_key(k)}: {tuple(converted[k].shape)}, expected {tuple(v.shape)}"
+                   for k, v in expected.items() if converted[k].shape != v.shape]
+    if wrong_shape:
+        raise CheckpointError(f"tensor shapes do not fit {model_name}: {wrong_shape}")
+    _convert_statistics(converted, global_batch_size)
+    return model_name, {k: converted[k].detach().to(v.dtype).contiguous() for k, v in expected.items()}
+
+
+def convert_official(checkpoint, out, model_name: Optional[str] = None,
+                     global_batch_size: int = OFFICIAL_GLOBAL_BATCH_SIZE, force: bool = False) -> str:
+    """Writes our state dict for an official checkpoint to ``out`` (bare state dict; .safetensors by suffix)."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise CheckpointError(f"{out} exists (use --force to replace it)")
+    model_name, state_dict = convert_official_state_dict(load_checkpoint_state_dict(checkpoint), model_name,
+                                                         global_batch_size)
+    _save_state_dict(state_dict, out)
+    return model_name
+
+
+def convert_official_main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="superclip convert-official",
+        description="Import a checkpoint of the official SuperCLIP implementation (hustvl/SuperCLIP). Writes a "
+                    "bare state dict: open_clip.create_model(MODEL, pretrained=OUT), clip_benchmark "
+                    "--pretrained OUT and the trainer's --pretrained all read it (and --resume, for a torch pickle).")
+    parser.add_argument("checkpoint", help="official checkpoint: torch pickle (state dict, or a trainer "
+                                           "checkpoint with one under 'state_dict') or .safetensors")
+    parser.add_argument("out", help="output file; .safetensors writes safetensors, anything else a torch pickle")
+    parser.add_argument("--model", help="our model config (default: from the vision width: 768 -> "
+                                        "SuperCLIP-ViT-B-16, 1024 -> SuperCLIP-ViT-L-16)")
+    parser.add_argument("--global-batch-size", type=int, default=OFFICIAL_GLOBAL_BATCH_SIZE,
+                        help="global batch size the official run trained with: its IDF statistics are per-step "
+                             f"fractions of it (default {OFFICIAL_GLOBAL_BATCH_SIZE}, the official recipe)")
+    parser.add_argument("--force", action="store_true", help="replace an existing output file")
+    args = parser.parse_args(argv)
+    try:
+        model_name = convert_official(args.checkpoint, args.out, args.model, args.global_batch_size, args.force)
+    except CheckpointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out} ({model_name}): open_clip.create_model('{model_name}', pretrained='{args.out}')")
+    return 0
+
+
+__all__ = ["CheckpointError", "RunSettings", "load_checkpoint_state_dict", "read_run_settings",
+           "superclip_counterpart", "export_stock", "export_main", "convert_official_state_dict",
+           "convert_official", "convert_official_main"]

@@ -1,0 +1,1456 @@
+"""Offline IDF statistics for SuperCLIP: token document frequencies over a caption corpus.
+
+`superclip idf` counts, for every token id of the text tokenizer, in how many captions it occurs
+(between SOT and EOT, over the whole caption, no 77-token cut). The result file seeds or replaces the
+online IDF counts of the class loss. The format and the loader live here too; see docs/idf.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import csv
+import dataclasses
+import datetime
+import gzip
+import hashlib
+import io
+import itertools
+import json
+import multiprocessing as mp
+import os
+import re
+import struct
+import sys
+import tempfile
+import time
+import zipfile
+import zlib
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+FORMAT_NAME = "superclip-idf-counts"
+FORMAT_VERSION = 1
+_REQUIRED_FIELDS = ("format", "format_version", "doc_freq", "num_captions", "vocab_size", "tokenizer")
+
+# ---------------------------------------------------------------------------------------------------
+# File format: save / load / merge
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class IDFCounts:
+    """Document frequencies of a caption corpus, as loaded from a counts file."""
+
+    doc_freq: "torch.Tensor"  # float64 [vocab_size]; exact for counts below 2**53
+    num_captions: int
+    vocab_size: int
+    tokenizer: str
+    meta: dict = dataclasses.field(default_factory=dict)
+
+    def weights(self) -> "torch.Tensor":
+        """IDF weights log((N + 1) / (df + 1)) in float64, the same formula as the online loss."""
+        import torch
+
+        n = torch.tensor(float(self.num_captions) + 1.0, dtype=torch.float64)
+        return torch.log(n / (self.doc_freq.to(torch.float64) + 1.0))
+
+
+def _atomic_write_bytes(path: str, write: Callable[[io.BufferedWriter], None]) -> None:
+    """Write through a temp file in the target directory, fsync, then rename: no half-written file ever."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:  # make the rename itself durable; not possible on every platform
+        dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def save_idf_counts(
+    path: str,
+    doc_freq,
+    num_captions: int,
+    tokenizer: str,
+    meta: Optional[dict] = None,
+) -> None:
+    """Validate and atomically write a counts file (.npz, no pickles)."""
+    df = np.asarray(doc_freq)
+    if df.ndim != 1 or df.size == 0:
+        raise ValueError(f"doc_freq must be a non-empty 1-D array, got shape {df.shape}")
+    if df.dtype.kind == "f":
+        if not np.all(np.isfinite(df)) or np.any(df != np.round(df)):
+            raise ValueError("doc_freq must hold whole numbers")
+    df = df.astype(np.int64)
+    n = int(num_captions)
+    if n < 0 or (df.size and (df.min() < 0 or df.max() > n)):
+        raise ValueError("doc_freq must lie in [0, num_captions]")
+    if not tokenizer:
+        raise ValueError("tokenizer identity must be a non-empty string")
+    arrays = {
+        "format": np.array(FORMAT_NAME),
+        "format_version": np.array(FORMAT_VERSION, dtype=np.int64),
+        "doc_freq": df,
+        "num_captions": np.array(n, dtype=np.int64),
+        "vocab_size": np.array(df.size, dtype=np.int64),
+        "tokenizer": np.array(str(tokenizer)),
+        "meta_json": np.array(json.dumps(meta or {}, sort_keys=True)),
+    }
+    _atomic_write_bytes(path, lambda f: np.savez_compressed(f, **arrays))
+
+
+def _read_counts_file(path: str) -> Tuple[np.ndarray, int, int, str, dict]:
+    """Read and check a counts file; every problem becomes a ValueError that names the file."""
+    path = os.fspath(path)
+
+    def bad(msg: str) -> ValueError:
+        return ValueError(f"IDF counts file {path!r}: {msg}")
+
+    if not os.path.exists(path):
+        raise bad("file not found")
+    if os.path.isdir(path):
+        raise bad("is a directory, not a counts file")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in _REQUIRED_FIELDS if k not in z.files]
+            if "format" in z.files and str(z["format"]) != FORMAT_NAME:
+                raise bad(f"not a {FORMAT_NAME} file (format field is {str(z['format'])!r})")
+            if missing:
+                raise bad(f"missing field(s) {', '.join(missing)}")
+            fields = {k: z[k] for k in z.files}  # reading every member checks its zip CRC
+    except ValueError as e:
+        if str(e).startswith("IDF counts file"):
+            raise
+        raise bad(f"unreadable, truncated or corrupt ({type(e).__name__}: {e})") from e
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError, TypeError) as e:
+        raise bad(f"unreadable, truncated or corrupt ({type(e).__name__}: {e})") from e
+
+    def scalar_int(name: str) -> int:
+        a = fields[name]
+        if a.shape != () or a.dtype.kind not in "iu":
+            raise bad(f"field {name} must be an integer scalar, got dtype {a.dtype} shape {a.shape}")
+        return int(a)
+
+    version = scalar_int("format_version")
+    if version != FORMAT_VERSION:
+        raise bad(f"format version {version}; this code reads version {FORMAT_VERSION}")
+    n = scalar_int("num_captions")
+    vocab = scalar_int("vocab_size")
+    df = fields["doc_freq"]
+    if df.dtype.kind not in "iu":
+        raise bad(f"doc_freq must be integer, got dtype {df.dtype}")
+    if df.ndim != 1 or df.shape[0] != vocab:
+        raise bad(f"doc_freq has shape {tuple(df.shape)} but vocab_size is {vocab}")
+    if vocab <= 0:
+        raise bad(f"vocab_size must be positive, got {vocab}")
+    if n < 0:
+        raise bad(f"num_captions is negative ({n})")
+    df = df.astype(np.int64)
+    if df.min() < 0:
+        raise bad(f"doc_freq has negative counts (min {int(df.min())} at token {int(df.argmin())})")
+    if df.max() > n:
+        raise bad(
+            f"doc_freq exceeds num_captions ({int(df.max())} > {n} at token {int(df.argmax())})"
+        )
+    tok = fields["tokenizer"]
+    if tok.shape != () or tok.dtype.kind != "U" or not str(tok):
+        raise bad("field tokenizer must be a non-empty string")
+    meta = {}
+    if "meta_json" in fields:
+        try:
+            meta = json.loads(str(fields["meta_json"]))
+        except ValueError as e:
+            raise bad(f"field meta_json is not valid JSON ({e})") from e
+    return df, n, vocab, str(tok), meta
+
+
+def load_idf_counts(
+    path: str, vocab_size: Optional[int] = None, tokenizer: Optional[str] = None
+) -> IDFCounts:
+    """Load a counts file; optionally insist on a vocabulary size and tokenizer identity.
+
+    Raises ValueError naming the file for a missing, corrupt, mis-versioned or inconsistent file.
+    """
+    import torch
+
+    df, n, vocab, tok, meta = _read_counts_file(path)
+    if vocab_size is not None and int(vocab_size) != vocab:
+        raise ValueError(
+            f"IDF counts file {os.fspath(path)!r}: vocab_size {vocab} does not match the expected {int(vocab_size)}"
+        )
+    if tokenizer is not None and tokenizer != tok:
+        raise ValueError(
+            f"IDF counts file {os.fspath(path)!r}: built with tokenizer {tok!r}, expected {tokenizer!r}"
+        )
+    return IDFCounts(
+        doc_freq=torch.from_numpy(df.astype(np.float64)),
+        num_captions=n,
+        vocab_size=vocab,
+        tokenizer=tok,
+        meta=meta,
+    )
+
+
+def merge_idf_counts(paths: Sequence[str], out: str) -> Tuple[int, int]:
+    """Sum several counts files of one tokenizer into `out`; refuse mixed tokenizers or vocab sizes."""
+    if not paths:
+        raise ValueError("--merge needs at least one input file")
+    total = None
+    n_total = 0
+    first = None
+    for p in paths:
+        df, n, vocab, tok, _ = _read_counts_file(p)
+        if first is None:
+            first = (p, vocab, tok)
+            total = np.zeros(vocab, dtype=np.int64)
+        elif (vocab, tok) != first[1:]:
+            raise ValueError(
+                f"cannot merge {p!r} (tokenizer {tok!r}, vocab {vocab}) with {first[0]!r} "
+                f"(tokenizer {first[2]!r}, vocab {first[1]})"
+            )
+        total += df
+        n_total += n
+    meta = {
+        "tool": "open_clip_superclip.idf_build --merge",
+        "merged_from": [os.path.abspath(p) for p in paths],
+        "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    save_idf_counts(out, total, n_total, first[2], meta)
+    return n_total, first[1]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tokenizer and the fast, exact document-frequency counter
+# ---------------------------------------------------------------------------------------------------
+
+_TOKENIZERS: Dict[str, object] = {}
+
+
+def _tokenizer_module():
+    """open_clip's tokenizer module, without importing the whole open_clip package if not yet imported.
+
+    Why: `import open_clip` also loads torchvision, timm and the model code (~10 s on a busy CPU);
+    open_clip/tokenizer.py itself has no package-relative imports, so it is loaded from its file.
+    """
+    mod = sys.modules.get("open_clip.tokenizer")
+    if mod is not None:
+        return mod
+    name = "open_clip_superclip._open_clip_tokenizer"
+    mod = sys.modules.get(name)
+    if mod is not None:
+        return mod
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec("open_clip")
+        path = os.path.join(os.path.dirname(spec.origin), "tokenizer.py")
+        tspec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(tspec)
+        sys.modules[name] = mod
+        tspec.loader.exec_module(mod)
+        return mod
+    except Exception:  # noqa: BLE001 - any surprise: the ordinary import
+        sys.modules.pop(name, None)
+        import open_clip.tokenizer
+
+        return open_clip.tokenizer
+
+
+def get_tokenizer(model: str = ""):
+    """open_clip's tokenizer for `model` (plain CLIP BPE SimpleTokenizer when empty); cached per process."""
+    if model not in _TOKENIZERS:
+        if model:
+            import open_clip
+
+            _TOKENIZERS[model] = open_clip.get_tokenizer(model)
+        else:
+            _TOKENIZERS[model] = _tokenizer_module().SimpleTokenizer()
+    return _TOKENIZERS[model]
+
+
+def _simple_tokenizer_classes() -> list:
+    out = []
+    for name in ("open_clip.tokenizer", "open_clip_superclip._open_clip_tokenizer"):
+        mod = sys.modules.get(name)
+        if mod is not None:
+            out.append(mod.SimpleTokenizer)
+    return out
+
+
+def _is_simple_tokenizer(tok) -> bool:
+    """True for open_clip's SimpleTokenizer (encode not overridden): the per-word fast path applies."""
+    return any(isinstance(tok, c) and type(tok).encode is c.encode for c in _simple_tokenizer_classes())
+
+
+def tokenizer_identity(tok) -> str:
+    """A string that changes when the tokenizer class, cleaning, vocabulary or ids change."""
+    cached = getattr(tok, "_superclip_identity", None)
+    if cached:
+        return cached
+    h = hashlib.sha256()
+    if any(isinstance(tok, c) for c in _simple_tokenizer_classes()):
+        items = sorted(tok.encoder.items(), key=lambda kv: kv[1])
+        for t, i in items:
+            h.update(f"{i}\t{t}\n".encode("utf-8", "surrogatepass"))
+        clean = getattr(tok.clean_fn, "__name__", "custom").replace("_clean_", "")
+        bpe_name = "bpe_simple_vocab_16e6" if len(tok.encoder) == 49408 else "bpe"
+        name = type(tok).__name__
+        ident = f"open_clip.{name}/{bpe_name}/{tok.vocab_size}/clean={clean}/vocab-sha256={h.hexdigest()[:16]}"
+    else:
+        hf = getattr(tok, "tokenizer", None)
+        if hf is None or not hasattr(hf, "get_vocab"):
+            raise ValueError(f"unsupported tokenizer type {type(tok).__name__}")
+        for t, i in sorted(hf.get_vocab().items(), key=lambda kv: kv[1]):
+            h.update(f"{i}\t{t}\n".encode("utf-8", "surrogatepass"))
+        src = getattr(hf, "name_or_path", "") or "unknown"
+        ident = f"open_clip.{type(tok).__name__}/{src}/{len(hf)}/vocab-sha256={h.hexdigest()[:16]}"
+    try:
+        tok._superclip_identity = ident
+    except AttributeError:
+        pass
+    return ident
+
+
+def tokenizer_vocab_size(tok) -> int:
+    if hasattr(tok, "vocab_size") and not hasattr(tok, "tokenizer"):
+        return int(tok.vocab_size)
+    return len(tok.tokenizer)
+
+
+def _clean_lower_exact(text: str) -> str:
+    """open_clip's 'lower' cleaning, imported rather than copied so it cannot drift."""
+    global _CLEAN_LOWER
+    _CLEAN_LOWER = _tokenizer_module().get_clean_fn("lower")
+    return _CLEAN_LOWER(text)
+
+
+_CLEAN_LOWER: Callable[[str], str] = _clean_lower_exact
+
+
+_RISKY_AMP = re.compile(r"&(?! |\Z)")  # '&' that html.unescape or ftfy could read as an entity
+
+
+def _build_ftfy_gate() -> Callable[[str], bool]:
+    """A test that ftfy.fix_text(t) == t for a printable text t, at C speed; lambda t: False if unsure.
+
+    ftfy.fix_and_explain returns its input when one pass changes nothing. One pass is: unescape_html
+    (needs '&'), fix_encoding (a no-op unless badness.is_bad(t)), a fixed list of fixers that each
+    rewrite only certain characters, then NFC normalisation. So t is left alone when it holds none
+    of those characters, is NFC-normal and is not 'bad'. The character set is taken from ftfy's own
+    tables and regexes and checked against every fixer on all printable characters; any surprise
+    (another ftfy version with other fixers or defaults) disables the gate.
+    """
+    try:
+        import unicodedata
+
+        import ftfy
+        import ftfy.badness as badness
+        import ftfy.chardata as cd
+        import ftfy.fixes as fixes
+
+        expected = {"fix_c1_controls", "fix_latin_ligatures", "fix_character_width", "uncurl_quotes",
+                    "fix_line_breaks", "fix_surrogates", "remove_terminal_escapes", "remove_control_chars"}
+        names = set()
+        stack = list(ftfy.fix_and_explain.__code__.co_consts)
+        while stack:
+            c = stack.pop()
+            if isinstance(c, tuple):
+                stack.extend(c)
+            elif isinstance(c, str) and callable(getattr(fixes, c, None)):
+                names.add(c)
+        if names != expected | {"unescape_html"}:
+            return lambda t: False
+        cfg = ftfy.TextFixerConfig()
+        if cfg.normalization != "NFC" or not cfg.fix_encoding:
+            return lambda t: False
+        printable = "".join(filter(str.isprintable, map(chr, range(0x80, 0x110000))))
+        touched = {chr(k) for k in (*cd.LIGATURES, *cd.WIDTH_MAP, *cd.CONTROL_CHARS)}
+        for rx in (cd.SINGLE_QUOTE_RE, cd.DOUBLE_QUOTE_RE, cd.C1_CONTROL_RE, fixes.SURROGATE_RE):
+            touched.update(rx.findall(printable))
+        touched.update("\r\x85\u2028\u2029\x1b")
+        touched = frozenset(touched)
+        safe = "".join(ch for ch in printable if ch not in touched)
+        if any(getattr(fixes, n)(safe) != safe for n in sorted(expected)):
+            return lambda t: False
+        limit = int(cfg.max_decode_length)
+        is_bad = badness.is_bad
+        is_normalized = unicodedata.is_normalized
+        disjoint = touched.isdisjoint
+
+        def gate(t: str) -> bool:
+            return len(t) <= limit and disjoint(t) and is_normalized("NFC", t) and not is_bad(t)
+
+        return gate
+    except Exception:  # noqa: BLE001 - never guess: fall back to ftfy itself
+        return lambda t: False
+
+
+_FTFY_GATE: Optional[Callable[[str], bool]] = None
+
+
+def ftfy_gate() -> Callable[[str], bool]:
+    """The per-process ftfy gate (built once, ~0.3 s; built before forking so workers inherit it)."""
+    global _FTFY_GATE
+    if _FTFY_GATE is None:
+        _FTFY_GATE = _build_ftfy_gate()
+    return _FTFY_GATE
+
+
+def clean_is_trivial(text: str) -> bool:
+    """True when open_clip's 'lower' cleaning of text is just " ".join(text.split()).lower().
+
+    That is when ftfy and html.unescape leave the text alone: printable, no '&' that could start
+    an entity, and (for non-ASCII text) the ftfy gate says so.
+    """
+    return (
+        text.isprintable()
+        and (text.isascii() or ftfy_gate()(text))
+        and ("&" not in text or _RISKY_AMP.search(text) is None)
+    )
+
+
+def clean_lower(text: str) -> str:
+    """open_clip's lower cleaning, skipping ftfy/html where they provably change nothing."""
+    if clean_is_trivial(text):
+        return " ".join(text.split()).lower()
+    return _CLEAN_LOWER(text)
+
+
+class _Growable:
+    """An int64 numpy array with amortised O(1) append (the per-word token table)."""
+
+    def __init__(self):
+        self.a = np.zeros(1024, dtype=np.int64)
+        self.n = 0
+
+    def extend(self, values: Sequence[int]) -> None:
+        k = len(values)
+        if self.n + k > len(self.a):
+            new = np.zeros(max(2 * len(self.a), self.n + k), dtype=np.int64)
+            new[: self.n] = self.a[: self.n]
+            self.a = new
+        self.a[self.n : self.n + k] = values
+        self.n += k
+
+    def view(self) -> np.ndarray:
+        return self.a[: self.n]
+
+
+_SEP = "\x01"  # joins printable captions into one string; never inside a printable caption
+
+
+class DocFreqCounter:
+    """Counts, per token id, the captions containing it; ids equal tokenizer.encode(caption) exactly.
+
+    Why it is fast: SimpleTokenizer.encode cleans every caption with ftfy + html.unescape and runs
+    its regex over it. Where that cleaning provably changes nothing but spacing and case
+    (clean_is_trivial: printable ASCII without entities, or text the ftfy gate clears) it is
+    skipped. The regex never matches across whitespace, so encoding a caption equals encoding each
+    whitespace-separated word of the cleaned text; every distinct word gets an index and its ids
+    are computed once. A batch of captions is then lower-cased and split in one C call, mapped to
+    word indices in one pass, and expanded to (caption, token) pairs, deduplicated and counted in
+    numpy. Other captions take open_clip's own cleaning function, then the same word table.
+    Tokenizers other than SimpleTokenizer are counted with their own encoder, caption by caption.
+    """
+
+    def __init__(self, tokenizer, max_cache: int = 500_000):
+        self.tokenizer = tokenizer
+        self.vocab_size = tokenizer_vocab_size(tokenizer)
+        self.doc_freq = np.zeros(self.vocab_size, dtype=np.int64)
+        self.num_captions = 0
+        self._max_cache = max_cache
+        self._pieces: Dict[str, tuple] = {}  # regex piece -> ids
+        self._reset_words()
+        if _is_simple_tokenizer(tokenizer):
+            self._mode = "words"
+            self._clean = tokenizer.clean_fn
+            base = next(c for c in _simple_tokenizer_classes() if isinstance(tokenizer, c))
+            self._ascii_fast = tokenizer.clean_fn is sys.modules[base.__module__].get_clean_fn("lower")
+            self._bpe_cache0 = dict(tokenizer.cache)
+        else:
+            self._mode = "generic"
+            self._clean = getattr(tokenizer, "clean_fn", lambda s: s)
+            self._ascii_fast = False
+
+    def _reset_words(self) -> None:
+        self._index: Dict[str, int] = {_SEP: 0}  # cleaned word -> row of the word table
+        self._starts = _Growable()
+        self._lens = _Growable()
+        self._toks = _Growable()
+        self._starts.extend([0])
+        self._lens.extend([0])
+
+    def _piece_ids(self, piece: str) -> tuple:
+        """Ids of one regex piece: the body of SimpleTokenizer.encode's loop."""
+        tok = self.tokenizer
+        be = tok.byte_encoder
+        enc = tok.encoder
+        return tuple(enc[t] for t in tok.bpe("".join(be[b] for b in piece.encode("utf-8"))).split(" "))
+
+    def _word_ids(self, word: str) -> List[int]:
+        """Ids of one cleaned word: SimpleTokenizer.encode's regex and BPE, run on that word only."""
+        pc = self._pieces
+        out: List[int] = []
+        for piece in self.tokenizer.pat.findall(word):
+            ids = pc.get(piece)
+            if ids is None:
+                ids = pc[piece] = self._piece_ids(piece)
+            out.extend(ids)
+        return out
+
+    def _add_words(self, words: Iterable[str]) -> None:
+        index = self._index
+        for w in words:
+            if w not in index:
+                ids = self._word_ids(w)
+                index[w] = len(index)
+                self._starts.extend([self._toks.n])
+                self._lens.extend([len(ids)])
+                self._toks.extend(ids)
+
+    def _word_rows(self, words: List[str]) -> np.ndarray:
+        gi = self._index.__getitem__
+        try:
+            return np.fromiter(map(gi, words), dtype=np.int64, count=len(words))
+        except KeyError:
+            self._add_words(set(words).difference(self._index))
+            return np.fromiter(map(gi, words), dtype=np.int64, count=len(words))
+
+    def _generic_ids(self, caption: str):
+        hf = self.tokenizer.tokenizer
+        return hf(self._clean(caption), add_special_tokens=False, truncation=False)["input_ids"]
+
+    def add_many(self, captions: Iterable[str]) -> int:
+        """Count captions (strings); returns how many were added."""
+        n = 0
+        it = iter(captions)
+        while True:
+            batch = list(itertools.islice(it, 8192))
+            if not batch:
+                return n
+            if self._mode == "words":
+                self._add_batch(batch)
+            else:
+                ids = [set(self._generic_ids(c)) for c in batch]
+                flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64)
+                self.doc_freq += np.bincount(flat, minlength=self.vocab_size)[: self.vocab_size]
+            self.num_captions += len(batch)
+            n += len(batch)
+
+    def _add_batch(self, batch: List[str]) -> None:
+        if len(self._index) > self._max_cache:  # bound memory on huge vocabularies of words
+            self._reset_words()
+            self._pieces.clear()
+            self.tokenizer.cache = dict(self._bpe_cache0)
+        fast: List[str] = []
+        slow_words: List[str] = []
+        slow_lens: List[int] = []
+        clean = self._clean
+        if self._ascii_fast:
+            gate = ftfy_gate()
+            risky_amp = _RISKY_AMP.search
+            for c in batch:
+                if c.isprintable() and (c.isascii() or gate(c)) and ("&" not in c or risky_amp(c) is None):
+                    fast.append(c)
+                else:
+                    ws = clean(c).split(" ")
+                    slow_words.extend(ws)
+                    slow_lens.append(len(ws))
+        else:
+            for c in batch:
+                ws = clean(c).split(" ")
+                slow_words.extend(ws)
+                slow_lens.append(len(ws))
+        # words of the fast captions, separated by _SEP (row 0: no tokens), and their caption numbers
+        words = (" " + _SEP + " ").join(fast).lower().split() if fast else []
+        rows_f = self._word_rows(words)
+        cap_f = np.cumsum(rows_f == 0)
+        rows_s = self._word_rows(slow_words)
+        cap_s = np.repeat(np.arange(len(fast), len(fast) + len(slow_lens), dtype=np.int64), slow_lens)
+        rows = np.concatenate([rows_f, rows_s])
+        caps = np.concatenate([cap_f, cap_s])
+        lens = self._lens.view()[rows]
+        total = int(lens.sum())
+        if total == 0:
+            return
+        ends = np.cumsum(lens)
+        pos = np.repeat(self._starts.view()[rows] - (ends - lens), lens) + np.arange(total, dtype=np.int64)
+        tok = self._toks.view()[pos]
+        key = np.repeat(caps, lens) * self.vocab_size + tok
+        key.sort()  # sort + neighbour test: much faster here than np.unique's hashing
+        keep = np.empty(total, dtype=bool)
+        keep[0] = True
+        np.not_equal(key[1:], key[:-1], out=keep[1:])
+        self.doc_freq += np.bincount(key[keep] % self.vocab_size, minlength=self.vocab_size)
+
+    def flush(self) -> None:
+        """Kept for callers of the earlier API; counts are always up to date."""
+
+    def result(self) -> Tuple[np.ndarray, int]:
+        return self.doc_freq, self.num_captions
+
+    def reset(self) -> None:
+        """Zero the counts; the word table is kept."""
+        self.doc_freq[:] = 0
+        self.num_captions = 0
+
+
+def naive_doc_freq(captions: Iterable[str], tokenizer=None) -> Tuple[np.ndarray, int]:
+    """Reference: tokenizer.encode per caption, set() of ids. Slow; for tests and the benchmark."""
+    tok = tokenizer if tokenizer is not None else get_tokenizer("")
+    df = np.zeros(tokenizer_vocab_size(tok), dtype=np.int64)
+    n = 0
+    for c in captions:
+        n += 1
+        for i in set(tok.encode(c)):
+            df[i] += 1
+    return df, n
+
+
+# ---------------------------------------------------------------------------------------------------
+# Input reading: one reader for webdataset shards and CSV/TSV files (used by idf and cooccur)
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptionKey:
+    """Where the caption lives: a webdataset member extension, or a field of the json member."""
+
+    ext: str  # member extension, lower case, e.g. "txt" or "json"
+    field: Optional[str] = None  # field inside the json member (dotted path allowed)
+
+    @classmethod
+    def parse(cls, spec: str) -> "CaptionKey":
+        spec = spec.strip()
+        if not spec:
+            raise ValueError("empty caption key")
+        if ":" in spec:
+            ext, field = spec.split(":", 1)
+            if ext.lower() != "json" or not field:
+                raise ValueError(f"caption key {spec!r}: only json:FIELD takes a field")
+            return cls("json", field)
+        return cls(spec.lower())
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """One piece of work: a shard, or one of `nparts` interleaved row subsets of a CSV/TSV file."""
+
+    url: str
+    kind: str  # "wds" or "csv"
+    sep: str = ","
+    part: int = 0
+    nparts: int = 1
+
+    @property
+    def label(self) -> str:
+        return self.url if self.nparts == 1 else f"{self.url} (rows {self.part} mod {self.nparts})"
+
+
+@dataclasses.dataclass
+class ReadStats:
+    samples: int = 0  # webdataset samples or CSV rows read
+    missing: int = 0  # samples without the caption key / field
+
+
+def expand_inputs(inputs: Sequence[str]) -> List[str]:
+    """Brace-expand patterns ('::' also separates sources, as in open_clip); a local dir lists its shards."""
+    import braceexpand
+
+    urls: List[str] = []
+    for spec in inputs:
+        for part in spec.split("::"):
+            if not part:
+                continue
+            for u in braceexpand.braceexpand(part):
+                if "://" not in u and not u.startswith("pipe:") and os.path.isdir(u):
+                    found = sorted(
+                        os.path.join(u, f)
+                        for f in os.listdir(u)
+                        if f.endswith((".tar", ".tar.gz", ".tgz", ".csv", ".tsv", ".csv.gz", ".tsv.gz"))
+                    )
+                    if not found:
+                        raise ValueError(f"{u}: directory holds no .tar/.csv/.tsv files")
+                    urls.extend(found)
+                else:
+                    urls.append(u)
+    return urls
+
+
+def _kind_of(url: str, input_format: str) -> Tuple[str, str]:
+    if input_format == "wds":
+        return "wds", ","
+    if input_format in ("csv", "tsv"):
+        return "csv", "\t" if input_format == "tsv" else ","
+    base = url.split("?", 1)[0].lower()
+    if base.endswith((".tsv", ".tsv.gz")):
+        return "csv", "\t"
+    if base.endswith((".csv", ".csv.gz")):
+        return "csv", ","
+    return "wds", ","
+
+
+def make_units(
+    urls: Sequence[str], input_format: str = "auto", csv_parts: int = 1, csv_sep: Optional[str] = None
+) -> List[Unit]:
+    """Work units in input order; each CSV/TSV file is split into `csv_parts` row-interleaved parts."""
+    units: List[Unit] = []
+    for u in urls:
+        kind, sep = _kind_of(u, input_format)
+        if kind == "csv":
+            sep = csv_sep if csv_sep is not None else sep
+            k = max(1, int(csv_parts))
+            units.extend(Unit(u, "csv", sep, p, k) for p in range(k))
+        else:
+            units.append(Unit(u, "wds"))
+    return units
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:") or url.startswith("file://")
+
+
+def open_url(url: str):
+    """Open a shard for reading: local path, file://, pipe:CMD, or any fsspec URL (curl fallback)."""
+    if url.startswith("pipe:"):
+        from webdataset.gopen import gopen
+
+        return gopen(url, "rb")
+    if url.startswith("file://"):
+        return open(url[len("file://") :], "rb")
+    if "://" not in url:
+        return open(url, "rb")
+    try:
+        import fsspec
+
+        return fsspec.open(url, "rb").open()
+    except ImportError:  # e.g. http without aiohttp: webdataset's curl/gsutil handlers
+        from webdataset.gopen import gopen
+
+        return gopen(url, "rb")
+
+
+class _Prefixed:
+    """A read()-able stream with some already-read bytes put back in front (for format sniffing)."""
+
+    def __init__(self, head: bytes, rest):
+        self._head = head
+        self._rest = rest
+
+    def read(self, n: int = -1) -> bytes:
+        if self._head:
+            if n is None or n < 0:
+                out, self._head = self._head + self._rest.read(), b""
+                return out
+            out, self._head = self._head[:n], self._head[n:]
+            if len(out) < n:
+                out += self._rest.read(n - len(out))
+            return out
+        return self._rest.read(n)
+
+
+_ZERO_BLOCK = bytes(512)
+_META_RE = re.compile(r"__[^/]*__($|/)")
+
+
+def _octal(field: bytes, what: str, offset: int) -> int:
+    if field[:1] and field[0] & 0x80:  # GNU base-256 for big values
+        return int.from_bytes(field[1:], "big")
+    s = field.split(b"\0", 1)[0].strip(b" ")
+    if not s:
+        return 0
+    try:
+        return int(s, 8)
+    except ValueError:
+        raise ValueError(f"invalid tar header at byte {offset}: bad {what} field {field!r}") from None
+
+
+def _pax_records(data: bytes, offset: int) -> Dict[str, str]:
+    out = {}
+    pos = 0
+    while pos < len(data):
+        if data[pos] == 0:
+            break
+        sp = data.find(b" ", pos)
+        if sp < 0:
+            raise ValueError(f"invalid pax header at byte {offset}")
+        length = int(data[pos:sp])
+        rec = data[sp + 1 : pos + length - 1]
+        k, _, v = rec.partition(b"=")
+        out[k.decode("utf-8", "replace")] = v.decode("utf-8", "surrogateescape")
+        pos += length
+    return out
+
+
+def _checksum_ok(hdr: bytes, stored: int) -> bool:
+    """Exact tar header checksum test (unsigned, or the signed variant some old tars use)."""
+    unsigned = sum(hdr) - sum(hdr[148:156]) + 256
+    return unsigned == stored or unsigned - 256 * sum(b > 127 for b in hdr[:148] + hdr[156:]) == stored
+
+
+_TAR_HEADER = struct.Struct("100s24x12s12x8sB100x6s82x155s")  # name size chksum type magic prefix
+
+
+def iter_tar_members(
+    f, want: Optional[str] = None, seekable: bool = False
+) -> Iterator[Tuple[str, str, str, Optional[bytes]]]:
+    """Yield (name, sample key, extension, data) for the regular members of a tar stream.
+
+    Keys and extensions follow webdataset (key = name up to the first dot of the base name,
+    extension lower-cased; names without one and __meta__ names are skipped). Data is read only
+    for extension `want` (all members when None), else None. A small strict reader instead of
+    tarfile (which costs ~100 us a member here): it checks every header checksum, refuses
+    truncation and a missing end-of-archive block, and handles ustar, pax and GNU long names.
+    Unwanted data is skipped by seek on local files, else read and dropped. The checksum is first
+    tested modulo 65521 with zlib.adler32 (C speed; corrupting fewer than 257 bytes always changes
+    it), then exactly, before an error is raised.
+    """
+    chunk = 1 << 20
+    buf = b""
+    pos = 0
+    base = 0  # stream offset of buf[0]
+    long_name: Optional[str] = None
+    pax: Dict[str, str] = {}
+    adler32 = zlib.adler32
+    unpack = _TAR_HEADER.unpack_from
+
+    def need(n: int) -> bool:
+        nonlocal buf, pos, base
+        if len(buf) - pos >= n:
+            return True
+        parts = [buf[pos:]]
+        have = len(parts[0])
+        while have < n:
+            more = f.read(max(chunk, n - have))
+            if not more:
+                break
+            parts.append(more)
+            have += len(more)
+        base += pos
+        buf = b"".join(parts)
+        pos = 0
+        return len(buf) >= n
+
+    while True:
+        if len(buf) - pos < 512 and not need(512):
+            if len(buf) - pos == 0:
+                raise ValueError(
+                    "truncated tar: no end-of-archive block" if base else "empty file, not a tar archive"
+                )
+            raise ValueError(f"truncated tar: partial header at byte {base + pos}")
+        raw_name, sz, chk, typ, magic, raw_prefix = unpack(buf, pos)
+        try:
+            stored = int(chk.rstrip(b"\0 "), 8)
+        except ValueError:
+            if buf[pos : pos + 512] == _ZERO_BLOCK:
+                return
+            stored = _octal(chk, "checksum", base + pos)
+        hdr = buf[pos : pos + 512]
+        if ((adler32(hdr) & 0xFFFF) + 255 - sum(chk) - stored) % 65521 and not _checksum_ok(hdr, stored):
+            raise ValueError(
+                f"invalid tar header at byte {base + pos} (checksum mismatch): corrupt or not a tar file"
+            )
+        if sz[0] & 0x80:
+            size = _octal(sz, "size", base + pos)
+        else:
+            try:
+                size = int(sz.rstrip(b"\0 ") or b"0", 8)
+            except ValueError:
+                size = _octal(sz, "size", base + pos)
+        off = base + pos
+        pos += 512
+        padded = (size + 511) & ~511
+        if typ in (0x78, 0x67, 0x4C, 0x4B):  # x g L K: extended headers for the next member
+            if len(buf) - pos < padded and not need(padded):
+                raise ValueError(f"truncated tar: extended header at byte {off} cut short")
+            data = buf[pos : pos + size]
+            pos += padded
+            if typ == 0x78:
+                if b"path=" in data or b"size=" in data:
+                    pax = _pax_records(data, off)
+            elif typ == 0x4C:
+                long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            continue
+        if long_name is not None:
+            name = long_name
+            long_name = None
+        elif "path" in pax:
+            name = pax["path"]
+        else:
+            i = raw_name.find(0)
+            name = (raw_name if i < 0 else raw_name[:i]).decode("utf-8", "surrogateescape")
+            if raw_prefix[0] and magic == b"ustar\x00":
+                name = raw_prefix.split(b"\0", 1)[0].decode("utf-8", "surrogateescape") + "/" + name
+        if pax:
+            if "size" in pax:
+                size = int(pax["size"])
+                padded = (size + 511) & ~511
+            pax = {}
+        if typ == 0x30 or typ == 0 or typ == 0x37:
+            slash = name.rfind("/")
+            dot = name.find(".", slash + 1)
+            if dot > slash + 1 and not (name[:2] == "__" and _META_RE.match(name)):
+                key = name[:dot]
+                ext = name[dot + 1 :].lower()
+            else:
+                key = None
+        elif 0x31 <= typ <= 0x36:
+            key = None
+        else:
+            raise ValueError(f"unsupported tar member type {chr(typ)!r} for {name!r} at byte {off}")
+        if key is not None and (want is None or ext == want):
+            if len(buf) - pos < padded and not need(padded):
+                raise ValueError(f"truncated tar: member {name!r} cut short")
+            data = buf[pos : pos + size]
+            pos += padded
+            yield name, key, ext, data
+            continue
+        inbuf = len(buf) - pos
+        if padded <= inbuf:
+            pos += padded
+        else:  # skip data beyond the buffer
+            todo = padded - inbuf
+            base += len(buf)
+            buf, pos = b"", 0
+            if seekable:
+                here = f.tell()
+                end = f.seek(0, 2)
+                if here + todo > end:
+                    raise ValueError(f"truncated tar: member {name!r} cut short")
+                f.seek(here + todo)
+            else:
+                left = todo
+                while left:
+                    got = f.read(min(left, 1 << 22))
+                    if not got:
+                        raise ValueError(f"truncated tar: member {name!r} cut short")
+                    left -= len(got)
+            base += todo
+        if key is not None:
+            yield name, key, ext, None
+
+
+def _json_field(obj, field: str):
+    if isinstance(obj, dict) and field in obj:
+        return obj[field]
+    cur = obj
+    for part in field.split("."):
+        if isinstance(cur, dict) and part in cur:
+            cur = cur[part]
+        else:
+            return None
+    return cur
+
+
+def _captions_of_value(value, where: str) -> List[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value
+    raise ValueError(f"{where}: caption field is {type(value).__name__}, expected a string or list of strings")
+
+
+def _iter_wds(unit: Unit, key: CaptionKey, stats: ReadStats) -> Iterator[str]:
+    f = open_url(unit.url)
+    try:
+        head = f.read(2)
+        if head == b"\x1f\x8b":
+            stream = gzip.GzipFile(fileobj=_Prefixed(head, f), mode="rb")
+            seekable = False
+        elif _is_local(unit.url):
+            f.seek(0)
+            stream, seekable = f, True
+        else:
+            stream, seekable = _Prefixed(head, f), False
+        want = key.ext
+        cur = None
+        found = False
+        for _name, prefix, ext, data in iter_tar_members(stream, want, seekable):
+            if prefix != cur:
+                if cur is not None and not found:
+                    stats.missing += 1
+                cur, found = prefix, False
+                stats.samples += 1
+            if data is None:
+                continue
+            where = f"sample {prefix!r}"
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: {ext} member is not UTF-8 ({e})") from None
+            if key.field is None:
+                found = True
+                yield text
+            else:
+                try:
+                    obj = json.loads(text)
+                except ValueError as e:
+                    raise ValueError(f"{where}: json member does not parse ({e})") from None
+                caps = _captions_of_value(_json_field(obj, key.field), where)
+                if caps:
+                    found = True
+                    yield from caps
+        if cur is not None and not found:
+            stats.missing += 1
+    finally:
+        f.close()  # for pipe: this also checks the command's exit status
+
+
+def _iter_csv(unit: Unit, column: str, stats: ReadStats) -> Iterator[str]:
+    f = open_url(unit.url)
+    try:
+        raw = f
+        head = f.read(2)
+        raw = _Prefixed(head, f)
+        if head == b"\x1f\x8b":
+            raw = gzip.GzipFile(fileobj=raw, mode="rb")
+        text = io.TextIOWrapper(_Readable(raw), encoding="utf-8", newline="")
+        csv.field_size_limit(1 << 30)
+        reader = csv.reader(text, delimiter=unit.sep)
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise ValueError("empty file (no header row)") from None
+        if column not in header:
+            raise ValueError(f"no column {column!r}; columns are {header}")
+        col = header.index(column)
+        part, k = unit.part, unit.nparts
+        for i, row in enumerate(reader):
+            if i % k != part:
+                continue
+            stats.samples += 1
+            if col >= len(row):
+                stats.missing += 1
+                continue
+            yield row[col]
+    finally:
+        f.close()
+
+
+class _Readable(io.RawIOBase):
+    """Adapter so TextIOWrapper can sit on any object with read(n)."""
+
+    def __init__(self, src):
+        self._src = src
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self._src.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+
+def iter_captions(
+    unit: Unit, key: CaptionKey, csv_key: str = "title", stats: Optional[ReadStats] = None
+) -> Iterator[str]:
+    """The single caption reader shared by `superclip idf` and `superclip cooccur`."""
+    stats = stats if stats is not None else ReadStats()
+    if unit.kind == "csv":
+        return _iter_csv(unit, csv_key, stats)
+    return _iter_wds(unit, key, stats)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running units in worker processes, with progress and error reporting
+# ---------------------------------------------------------------------------------------------------
+
+_PROGRESS_QUEUE = None
+PROGRESS_EVERY = 4096
+
+
+def _worker_init(queue) -> None:
+    global _PROGRESS_QUEUE
+    _PROGRESS_QUEUE = queue
+
+
+def _report_from_worker(n: int) -> None:
+    if _PROGRESS_QUEUE is not None and n:
+        _PROGRESS_QUEUE.put(n)
+
+
+def _guarded(task, unit: Unit):
+    """Run task in a worker; return errors as strings so nothing unpicklable crosses processes."""
+    try:
+        return "ok", task(unit, _report_from_worker)
+    except BaseException as e:  # noqa: BLE001 - reported with the shard's name
+        return "error", f"{type(e).__name__}: {e}"
+
+
+class UnitFailure(Exception):
+    """One or more units failed; message names each failing shard with its error."""
+
+    def __init__(self, errors: List[Tuple[str, str]]):
+        self.errors = errors
+        super().__init__("; ".join(f"{u}: {e}" for u, e in errors))
+
+
+def _mp_context():
+    methods = mp.get_all_start_methods()
+    return mp.get_context("fork" if "fork" in methods else "spawn")
+
+
+def _progress_bar(desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    class _Bar(tqdm):
+        monitor_interval = 0  # no monitor thread: worker processes are forked while the bar lives
+
+    return _Bar(desc=desc, unit="cap", unit_scale=True, disable=not enabled, dynamic_ncols=True,
+                file=sys.stderr, mininterval=0.5)
+
+
+def run_units(
+    units: Sequence[Unit],
+    task: Callable,
+    on_result: Callable[[int, object], None],
+    jobs: int = 1,
+    desc: str = "captions",
+    progress: bool = True,
+    position_info: str = "",
+    limit: Optional[int] = None,
+    count_of: Optional[Callable[[object], int]] = None,
+) -> None:
+    """Run task(unit, report) over units, in-process (jobs<=1) or in a process pool.
+
+    Each result goes to on_result(unit_index, result) as it arrives, so nothing per-shard piles up.
+    task must be picklable (a module-level function or a functools.partial of one). The first
+    failure stops the run and raises UnitFailure naming the shard(s). With `limit`, units run in
+    order in this process, task gets limit=<captions still wanted>, and count_of(result) says how
+    many captions a result used.
+    """
+    total = len(units)
+    bar = _progress_bar(desc, progress)
+    done = 0
+
+    def shards_done():
+        bar.set_postfix_str(f"shards {done}/{total}{position_info}", refresh=False)
+
+    shards_done()
+    errors: List[Tuple[str, str]] = []
+    try:
+        if limit is not None:
+            remaining = int(limit)
+            for i, u in enumerate(units):
+                if remaining <= 0:
+                    break
+                try:
+                    result = task(u, bar.update, limit=remaining)
+                except Exception as e:  # noqa: BLE001
+                    errors.append((u.label, f"{type(e).__name__}: {e}"))
+                    break
+                on_result(i, result)
+                remaining -= count_of(result)
+                done += 1
+                shards_done()
+        elif jobs <= 1 or total <= 1:
+            for i, u in enumerate(units):
+                try:
+                    result = task(u, bar.update)
+                except Exception as e:  # noqa: BLE001
+                    errors.append((u.label, f"{type(e).__name__}: {e}"))
+                    break
+                on_result(i, result)
+                done += 1
+                shards_done()
+        else:
+            ctx = _mp_context()
+            queue = ctx.Queue()
+            with cf.ProcessPoolExecutor(
+                max_workers=min(jobs, total), mp_context=ctx, initializer=_worker_init, initargs=(queue,)
+            ) as pool:
+                futs = {pool.submit(_guarded, task, u): i for i, u in enumerate(units)}
+                pending = set(futs)
+                try:
+                    while pending and not errors:
+                        finished, pending = cf.wait(pending, timeout=0.2, return_when=cf.FIRST_COMPLETED)
+                        _drain(queue, bar)
+                        for fut in finished:
+                            i = futs[fut]
+                            try:
+                                status, value = fut.result()
+                            except Exception as e:  # noqa: BLE001 - e.g. a worker killed by the OOM killer
+                                status, value = "error", f"worker process died ({type(e).__name__}: {e})"
+                            if status == "ok":
+                                on_result(i, value)
+                                done += 1
+                            else:
+                                errors.append((units[i].label, value))
+                        shards_done()
+                finally:
+                    for fut in pending:
+                        fut.cancel()
+                    _drain(queue, bar)
+            _drain(queue, bar)
+            queue.close()
+    finally:
+        bar.close()
+    if errors:
+        raise UnitFailure(errors)
+
+
+def _drain(queue, bar) -> None:
+    try:
+        while True:
+            bar.update(queue.get_nowait())
+    except Exception:  # noqa: BLE001 - queue.Empty
+        pass
+
+
+_COUNTERS: Dict[Tuple[str, int], DocFreqCounter] = {}
+
+
+def _process_counter(model: str, max_cache: int) -> DocFreqCounter:
+    """One counter per process and tokenizer, so the word cache stays warm from shard to shard."""
+    k = (model, max_cache)
+    if k not in _COUNTERS:
+        _COUNTERS[k] = DocFreqCounter(get_tokenizer(model), max_cache=max_cache)
+    return _COUNTERS[k]
+
+
+def _count_unit(
+    unit: Unit,
+    report: Callable[[int], None],
+    model: str,
+    key: CaptionKey,
+    csv_key: str,
+    limit: Optional[int] = None,
+    max_cache: int = 500_000,
+):
+    """Document frequencies of one unit: (doc_freq int64 [V], captions, samples, missing)."""
+    counter = _process_counter(model, max_cache)
+    counter.reset()
+    stats = ReadStats()
+    gen = iter_captions(unit, key, csv_key, stats)
+    it = gen if limit is None else itertools.islice(gen, limit)
+    try:
+        while True:
+            batch = list(itertools.islice(it, PROGRESS_EVERY))
+            if not batch:
+                break
+            report(counter.add_many(batch))
+    finally:
+        gen.close()
+    df, n = counter.result()
+    out = (df.copy(), n, stats.samples, stats.missing)
+    counter.reset()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------
+
+
+def _dist_env() -> Tuple[int, int, int]:
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+    except ImportError:
+        pass
+    return (
+        int(os.environ.get("RANK", "0")),
+        int(os.environ.get("WORLD_SIZE", "1")),
+        int(os.environ.get("LOCAL_RANK", "0")),
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="superclip idf",
+        description="Count token document frequencies (IDF statistics) over a caption corpus, "
+        "or merge counts files. See docs/idf.md.",
+    )
+    p.add_argument("inputs", nargs="*", help="webdataset shards (braceexpand patterns, local paths, fsspec URLs, "
+                   "pipe:CMD), CSV/TSV files, or with --merge: counts files to sum")
+    p.add_argument("-o", "--output", required=True, help="output counts file (.npz), written atomically")
+    p.add_argument("--merge", action="store_true", help="sum the counts files given as inputs")
+    p.add_argument("--model", default="", help="open_clip model whose tokenizer to use (default: CLIP BPE)")
+    p.add_argument("--key", default="txt", help="caption member of a webdataset sample: txt (default), another "
+                   "extension, or json:FIELD for a field of the json member")
+    p.add_argument("--csv-key", default="title", help="caption column of CSV/TSV inputs (default: title, as open_clip)")
+    p.add_argument("--csv-separator", default=None, help="CSV separator (default: ',' for .csv, tab for .tsv)")
+    p.add_argument("--input-format", choices=("auto", "wds", "csv", "tsv"), default="auto",
+                   help="input type; auto decides by file extension")
+    p.add_argument("-j", "--jobs", type=int, default=1, help="worker processes on this machine (default 1)")
+    p.add_argument("--limit", type=int, default=None, help="stop after N captions (sequential, rank 0 only)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--dist-backend", default="gloo", choices=("gloo", "nccl"),
+                   help="torch.distributed backend under torchrun (default gloo)")
+    p.add_argument("--dist-timeout", type=float, default=86400.0,
+                   help="seconds a rank waits for the others at the final all_reduce (default 86400)")
+    p.add_argument("--max-word-cache", type=int, default=500_000, help=argparse.SUPPRESS)
+    return p
+
+
+def _all_reduce_counts(vec: np.ndarray, errors: List[str], backend: str, timeout: float, local_rank: int):
+    """Sum an int64 vector over ranks and gather every rank's error messages."""
+    import torch
+    import torch.distributed as dist
+
+    own = not dist.is_initialized()
+    if own:
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout))
+    device = torch.device("cpu")
+    if dist.get_backend() == "nccl":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    t = torch.from_numpy(vec).to(device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    gathered: List[Optional[List[str]]] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, errors)
+    return t.cpu().numpy(), gathered, own
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.merge:
+        try:
+            n, v = merge_idf_counts(args.inputs, args.output)
+        except ValueError as e:
+            print(f"superclip idf --merge: error: {e}", file=sys.stderr)
+            return 1
+        print(f"merged {len(args.inputs)} files: {n} captions, vocab {v} -> {args.output}")
+        return 0
+    if not args.inputs:
+        print("superclip idf: error: no inputs given", file=sys.stderr)
+        return 2
+    try:
+        key = CaptionKey.parse(args.key)
+        urls = expand_inputs(args.inputs)
+    except ValueError as e:
+        print(f"superclip idf: error: {e}", file=sys.stderr)
+        return 2
+    rank, world, local_rank = _dist_env()
+    jobs = max(1, args.jobs)
+    if args.limit is not None:
+        jobs = 1
+    units = make_units(urls, args.input_format, csv_parts=world * jobs if args.limit is None else 1,
+                       csv_sep=args.csv_separator)
+    if args.limit is not None:
+        mine = units if rank == 0 else []
+    else:
+        mine = units[rank::world]
+    tok = get_tokenizer(args.model)  # built before forking so workers inherit it
+    ftfy_gate()
+    ident = tokenizer_identity(tok)
+    vocab = tokenizer_vocab_size(tok)
+    t0 = time.time()
+    vec = np.zeros(vocab + 4, dtype=np.int64)  # doc_freq, captions, samples, missing, failed flag
+
+    def add(_i, result) -> None:
+        df, n, samples, missing = result
+        vec[:vocab] += df
+        vec[vocab] += n
+        vec[vocab + 1] += samples
+        vec[vocab + 2] += missing
+
+    errors: List[str] = []
+    progress = not args.no_progress and rank == 0
+    try:
+        task = _partial(_count_unit, model=args.model, key=key, csv_key=args.csv_key,
+                        max_cache=args.max_word_cache)
+        info = f" rank 0 of {world}" if world > 1 else ""
+        run_units(mine, task, add, jobs, desc="idf", progress=progress, position_info=info,
+                  limit=args.limit, count_of=lambda r: r[1])
+    except UnitFailure as e:
+        errors = [f"{u}: {msg}" for u, msg in e.errors]
+    except Exception as e:  # noqa: BLE001 - anything else must still reach the all_reduce
+        errors = [f"{type(e).__name__}: {e}"]
+    if errors:
+        vec[vocab + 3] = 1
+        for msg in errors:
+            print(f"superclip idf: rank {rank}: failed: {msg}" if world > 1 else f"superclip idf: failed: {msg}",
+                  file=sys.stderr, flush=True)
+    all_errors = [errors]
+    own_pg = False
+    if world > 1:
+        vec, all_errors, own_pg = _all_reduce_counts(vec, errors, args.dist_backend, args.dist_timeout, local_rank)
+    failed = int(vec[vocab + 3])
+    status = 0
+    try:
+        if failed:
+            if rank == 0:
+                for r, errs in enumerate(all_errors):
+                    for msg in errs or []:
+                        print(f"superclip idf: error (rank {r}): {msg}" if world > 1 else f"superclip idf: error: {msg}",
+                              file=sys.stderr)
+                print(f"superclip idf: {failed} rank(s)/run(s) failed; {args.output} was NOT written", file=sys.stderr)
+            status = 1
+        elif rank == 0:
+            n = int(vec[vocab])
+            meta = {
+                "tool": "open_clip_superclip.idf_build",
+                "inputs": list(args.inputs),
+                "num_units": len(units),
+                "key": args.key,
+                "csv_key": args.csv_key,
+                "model": args.model,
+                "limit": args.limit,
+                "samples": int(vec[vocab + 1]),
+                "samples_missing_caption": int(vec[vocab + 2]),
+                "world_size": world,
+                "jobs": jobs,
+                "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            }
+            try:
+                save_idf_counts(args.output, vec[:vocab], n, ident, meta)
+            except (OSError, ValueError) as e:
+                print(f"superclip idf: error writing {args.output}: {e}", file=sys.stderr)
+                status = 1
+            else:
+                dt = max(time.time() - t0, 1e-9)
+                miss = int(vec[vocab + 2])
+                print(
+                    f"superclip idf: {n} captions from {len(units)} unit(s) in {dt:.1f}s ({n / dt:,.0f} captions/s); "
+                    f"{int(np.count_nonzero(vec[:vocab]))} distinct tokens; "
+                    f"{miss} sample(s) without caption; wrote {args.output}"
+                )
+        if world > 1:
+            import torch
+            import torch.distributed as dist
+
+            st = torch.tensor([status], dtype=torch.int64)
+            if dist.get_backend() == "nccl":
+                st = st.cuda()
+            dist.broadcast(st, src=0)
+            status = max(status, int(st.item()))
+    finally:
+        if own_pg:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    return status
+
+
+def _partial(fn, **kw):
+    import functools
+
+    return functools.partial(fn, **kw)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,384 @@
+"""Tests of `superclip idf`: exact counts, parallel / distributed runs, reader, file format."""
+
+import csv
+import gzip
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+try:
+    import open_clip_superclip.idf_build  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(SRC))
+
+import webdataset as wds  # noqa: E402
+
+from open_clip_superclip import idf_build as B  # noqa: E402
+
+HARD = [
+    "A photo of a cat &amp; a dog",
+    "Tom&#39;s &quot;best&quot; pizza &amp;amp; more &lt;b&gt;bold&lt;/b&gt;",
+    "<b>html</b> &amp; tags <start_of_text> inside <end_of_text>",
+    "Caf\u00e9 cr\u00e8me br\u00fbl\u00e9e, na\u00efve r\u00e9sum\u00e9 \u00c5ngstr\u00f6m",
+    "e\u0301 combining accent and \u0130stanbul DOTTED",
+    "emoji \U0001F389\U0001F44D\U0001F3FD family \U0001F468\u200d\U0001F469\u200d\U0001F467 flags \U0001F1EF\U0001F1F5",
+    "\u6771\u4eac\u30bf\u30ef\u30fc \u5317\u4eac \ud55c\uad6d\uc5b4 \u0627\u0644\u0639\u0631\u0628\u064a\u0629 \u0420\u0443\u0441\u0441\u043a\u0438\u0439",
+    "punctuation!!!??? ... --- *** ((nested)) [[x]] {{y}} ~~~ @@@ ### $$$ %%%",
+    "https://example.com/path/to/img_01.jpg?size=large&fmt=webp#frag",
+    "www.shop.co.uk/item/12345 -- $19.99 (50% off!) 1920x1080 4K UHD",
+    "mojibake: caf\u00c3\u00a9 and \u00e2\u0080\u0099quoted\u00e2\u0080\u0099",
+    "\u201ccurly quotes\u201d and \u2018single\u2019 \u2014 em dash \u2013 en dash \u2026",
+    "fullwidth \uff21\uff22\uff23\uff11\uff12\uff13 ligature \ufb01le \ufb02ow",
+    "tabs\tand\nnewlines\r\nand\u00a0nbsp\u3000ideographic\u2028line\u0085nel",
+    "zero\u200bwidth\u200cjoiner\ufeffbom",
+    "control\x00\x01\x07\x1b[31mred\x1b[0m\x7f chars",
+    "I'M HERE, YOU'RE THERE, WE'VE BEEN, SHE'LL GO, HE'D SAY, IT'S, DON'T",
+    "   leading and trailing spaces   ",
+    "",
+    "   ",
+    "\u00a0",
+    "numbers 0123456789 3.14159 -42 1e10 \u0661\u0662\u0663 \u00bd \u2460",
+    "Mixed \u00dfharp \u0130\u0131 \u03a3\u03c3\u03c2 \u01c5 titlecase",
+    "surrogate-free \U0001d400\U0001d401 math bold",
+    "&amp;&amp;&amp; &#x27;hex&#x27; &nbsp;space&nbsp; &unknown; &",
+    "a" * 300,
+    " ".join(["very long caption with many words"] * 120),
+    "Hello\u0301World \u0300 standalone combining",
+]
+
+
+def _random_caption(rng: random.Random) -> str:
+    words = ["dog", "Cat", "running", "beach", "sunset,", "photo", "of", "a", "the", "New", "York", "2019",
+             "HD", "image:", "red", "car's", "(stock)", "#travel", "@user", "&amp;", "caf\u00e9", "\U0001F600",
+             "\u6771\u4eac", "--", "!!!", "x-ray", "e-mail", "U.S.A.", "3.5mm", "\u201cquote\u201d", "don't"]
+    n = rng.randint(0, 30)
+    return " ".join(rng.choice(words) for _ in range(n))
+
+
+def make_captions(n: int, seed: int = 0):
+    rng = random.Random(seed)
+    caps = [_random_caption(rng) for _ in range(n)]
+    for i, h in enumerate(HARD):
+        caps[(i * 7) % n] = h
+    return caps
+
+
+def naive(caps):
+    return B.naive_doc_freq(caps)
+
+
+def write_shards(dirpath: Path, caps, nshards: int, json_field: str = None, with_images: bool = True):
+    paths = []
+    per = (len(caps) + nshards - 1) // nshards
+    for s in range(nshards):
+        p = dirpath / f"shard-{s:03d}.tar"
+        with wds.TarWriter(str(p)) as w:
+            for i, c in enumerate(caps[s * per:(s + 1) * per]):
+                sample = {"__key__": f"s{s}_{i:06d}", "txt": c}
+                if json_field:
+                    sample["json"] = {json_field: c, "other": 1}
+                if with_images:
+                    sample["jpg"] = bytes([i % 256]) * (100 + 700 * (i % 3))
+                w.write(sample)
+        paths.append(str(p))
+    return paths
+
+
+def write_csv(path: Path, caps, sep=","):
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, delimiter=sep)
+        w.writerow(["filepath", "title"])
+        for i, c in enumerate(caps):
+            w.writerow([f"img{i}.jpg", c])
+    return str(path)
+
+
+def run(args):
+    return B.main([*map(str, args), "--no-progress"])
+
+
+def loaded(path):
+    c = B.load_idf_counts(path)
+    return c.doc_freq.numpy().astype(np.int64), c.num_captions
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    caps = make_captions(900, seed=1)
+    shards = write_shards(d, caps[:600], 3)
+    csvp = write_csv(d / "part.csv", caps[600:750])
+    tsvp = write_csv(d / "part.tsv", caps[750:], sep="\t")
+    ref, n = naive(caps)
+    return dict(dir=d, caps=caps, shards=shards, csv=csvp, tsv=tsvp, ref=ref, n=n)
+
+
+def test_counter_identical_per_caption_on_hard_text():
+    """Every caption, alone, gives exactly the id set of SimpleTokenizer.encode."""
+    tok = B.get_tokenizer("")
+    counter = B.DocFreqCounter(tok)
+    rng = random.Random(5)
+    alphabet = (list("abcXYZ019 .,!?'&;#<>-_/\"") + ["&amp;", "&#39;", "&lt;", " ", "\t", "\n", "\u00e9", "\u00c9",
+                "\U0001F600", "\u6771", "\u00a0", "\u200b", "\x1b", "\u2019", "'S", "'LL", "\u0130", "\ufb01"])
+    fuzz = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(1500)]
+    for cap in HARD + make_captions(200, seed=9) + fuzz:
+        counter.reset()
+        counter.add_many([cap])
+        df, n = counter.result()
+        assert n == 1
+        assert set(np.nonzero(df)[0].tolist()) == set(tok.encode(cap)), repr(cap)
+
+
+def test_counter_equals_naive_and_cache_eviction():
+    caps = make_captions(400, seed=3)
+    ref, n = naive(caps)
+    counter = B.DocFreqCounter(B.get_tokenizer(""), max_cache=10)  # forces repeated eviction
+    counter.add_many(caps[:123])
+    counter.add_many(caps[123:])
+    df, m = counter.result()
+    assert m == n and np.array_equal(df, ref)
+
+
+def test_build_matches_naive_j1_j2_and_orders(corpus, tmp_path):
+    inputs = corpus["shards"] + [corpus["csv"], corpus["tsv"]]
+    outs = []
+    for i, (args, ins) in enumerate([(["-j", "1"], inputs), (["-j", "2"], inputs),
+                                     (["-j", "2"], list(reversed(inputs)))]):
+        out = tmp_path / f"o{i}.npz"
+        assert run([*ins, "-o", out, *args]) == 0
+        outs.append(loaded(out))
+    for df, n in outs:
+        assert n == corpus["n"]
+        assert np.array_equal(df, corpus["ref"])
+    c = B.load_idf_counts(tmp_path / "o0.npz")
+    assert c.vocab_size == 49408 and c.tokenizer.startswith("open_clip.SimpleTokenizer/bpe_simple_vocab_16e6/49408")
+    assert c.tokenizer == B.tokenizer_identity(B.get_tokenizer(""))
+    assert [p for p in os.listdir(tmp_path) if p.endswith(".tmp")] == []
+
+
+def test_brace_pattern_file_url_pipe_and_gzip(corpus, tmp_path):
+    d = corpus["dir"]
+    pattern = str(d / "shard-{000..002}.tar")
+    out = tmp_path / "a.npz"
+    assert run([pattern, corpus["csv"], corpus["tsv"], "-o", out]) == 0
+    assert np.array_equal(loaded(out)[0], corpus["ref"])
+    # file:// URL, pipe: command, gzip-compressed shard: same counts as the plain shards
+    gz = tmp_path / "s1.tar.gz"
+    gz.write_bytes(gzip.compress(Path(corpus["shards"][1]).read_bytes()))
+    ins = ["file://" + corpus["shards"][0], str(gz), "pipe:cat " + corpus["shards"][2]]
+    out2 = tmp_path / "b.npz"
+    assert run([*ins, "-o", out2]) == 0
+    ref600, n600 = naive(corpus["caps"][:600])
+    df, n = loaded(out2)
+    assert n == n600 and np.array_equal(df, ref600)
+
+
+def test_json_field_key_and_missing(tmp_path):
+    caps = make_captions(60, seed=4)
+    p = tmp_path / "j.tar"
+    with wds.TarWriter(str(p)) as w:
+        for i, c in enumerate(caps):
+            meta = {"meta": {"caption": c}} if i % 10 else {"other": 1}
+            w.write({"__key__": f"{i:04d}", "json": meta, "txt": "unused"})
+        # a pax long-name sample (name > 100 characters)
+        w.write({"__key__": "long/" + "k" * 150, "json": {"meta": {"caption": "long name sample"}}})
+    out = tmp_path / "j.npz"
+    assert run([p, "--key", "json:meta.caption", "-o", out]) == 0
+    kept = [c for i, c in enumerate(caps) if i % 10] + ["long name sample"]
+    ref, n = naive(kept)
+    df, m = loaded(out)
+    assert m == n and np.array_equal(df, ref)
+    meta = B.load_idf_counts(out).meta
+    assert meta["samples"] == 61 and meta["samples_missing_caption"] == 6
+
+
+def test_torchrun_two_ranks_equals_single_run(corpus, tmp_path):
+    inputs = corpus["shards"] + [corpus["csv"], corpus["tsv"]]
+    single = tmp_path / "single.npz"
+    assert run([*inputs, "-o", single]) == 0
+    dist = tmp_path / "dist.npz"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "open_clip_superclip.idf_build",
+           *inputs, "-o", str(dist), "--no-progress", "-j", "1"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    a, b = loaded(single), loaded(dist)
+    assert a[1] == b[1] == corpus["n"] and np.array_equal(a[0], b[0])
+    assert B.load_idf_counts(dist).meta["world_size"] == 2
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_corrupt_shard_names_it_and_writes_nothing(corpus, tmp_path, capsys, jobs):
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(os.urandom(5000))
+    trunc = tmp_path / "trunc.tar"
+    data = Path(corpus["shards"][0]).read_bytes()
+    trunc.write_bytes(data[: len(data) // 2 + 100])
+    for broken in (bad, trunc):
+        out = tmp_path / "never.npz"
+        rc = run([corpus["shards"][1], broken, corpus["shards"][2], "-o", out, "-j", jobs])
+        err = capsys.readouterr().err
+        assert rc != 0
+        assert str(broken) in err and ("checksum" in err or "truncated" in err)
+        assert not out.exists()
+        assert [p for p in os.listdir(tmp_path) if p.endswith(".tmp")] == []
+
+
+def test_missing_shard_and_bad_json(tmp_path, capsys):
+    out = tmp_path / "x.npz"
+    assert run([tmp_path / "nope.tar", "-o", out]) == 1
+    assert "nope.tar" in capsys.readouterr().err and not out.exists()
+    p = tmp_path / "badjson.tar"
+    with wds.TarWriter(str(p)) as w:
+        w.write({"__key__": "a", "json": b"{not json"})
+    assert run([p, "--key", "json:caption", "-o", out]) == 1
+    err = capsys.readouterr().err
+    assert "badjson.tar" in err and "'a'" in err and not out.exists()
+
+
+def test_limit(corpus, tmp_path):
+    out = tmp_path / "l.npz"
+    assert run([*corpus["shards"], "-o", out, "--limit", "250", "-j", "2"]) == 0
+    ref, n = naive(corpus["caps"][:250])
+    df, m = loaded(out)
+    assert m == 250 and np.array_equal(df, ref)
+
+
+def test_merge(corpus, tmp_path, capsys):
+    a, b, whole, merged = (tmp_path / f"{x}.npz" for x in "abwm")
+    assert run([*corpus["shards"][:2], "-o", a]) == 0
+    assert run([corpus["shards"][2], corpus["csv"], corpus["tsv"], "-o", b]) == 0
+    assert run([a, b, "--merge", "-o", merged]) == 0
+    df, n = loaded(merged)
+    assert n == corpus["n"] and np.array_equal(df, corpus["ref"])
+    # a file from another tokenizer is refused
+    other = tmp_path / "other.npz"
+    B.save_idf_counts(other, np.zeros(49408, np.int64), 5, "open_clip.HFTokenizer/x/49408/vocab-sha256=0")
+    assert run([a, other, "--merge", "-o", tmp_path / "no.npz"]) == 1
+    assert "cannot merge" in capsys.readouterr().err and not (tmp_path / "no.npz").exists()
+    small = tmp_path / "small.npz"
+    B.save_idf_counts(small, np.zeros(10, np.int64), 5, B.load_idf_counts(a).tokenizer)
+    assert run([a, small, "--merge", "-o", tmp_path / "no.npz"]) == 1
+
+
+def test_weights_formula(tmp_path):
+    p = tmp_path / "w.npz"
+    B.save_idf_counts(p, np.array([0, 1, 4, 9]), 9, "t")
+    c = B.load_idf_counts(p)
+    w = c.weights()
+    assert str(w.dtype) == "torch.float64"
+    assert np.allclose(w.numpy(), np.log(10.0 / (np.array([0, 1, 4, 9]) + 1.0)), rtol=0, atol=1e-15)
+
+
+def _npz(path, **fields):
+    base = {
+        "format": np.array(B.FORMAT_NAME),
+        "format_version": np.array(B.FORMAT_VERSION, np.int64),
+        "doc_freq": np.array([1, 2, 0], np.int64),
+        "num_captions": np.array(3, np.int64),
+        "vocab_size": np.array(3, np.int64),
+        "tokenizer": np.array("tok"),
+    }
+    base.update(fields)
+    base = {k: v for k, v in base.items() if v is not None}
+    with open(path, "wb") as f:
+        np.savez(f, **base)
+    return path
+
+
+@pytest.mark.parametrize(
+    "case,fields,needle",
+    [
+        ("version", dict(format_version=np.array(2, np.int64)), "format version 2"),
+        ("missing", dict(doc_freq=None), "missing field"),
+        ("missing2", dict(tokenizer=None, num_captions=None), "missing field"),
+        ("format", dict(format=np.array("something-else")), "not a superclip-idf-counts"),
+        ("shape", dict(doc_freq=np.array([1, 2], np.int64)), "shape"),
+        ("shape2d", dict(doc_freq=np.ones((3, 1), np.int64)), "shape"),
+        ("dtype", dict(doc_freq=np.array([1.0, 2.0, 0.0])), "integer"),
+        ("negative", dict(doc_freq=np.array([1, -2, 0], np.int64)), "negative"),
+        ("df_gt_n", dict(doc_freq=np.array([1, 4, 0], np.int64)), "exceeds num_captions"),
+        ("n_negative", dict(num_captions=np.array(-1, np.int64)), "negative"),
+        ("tokenizer", dict(tokenizer=np.array(5)), "tokenizer"),
+    ],
+)
+def test_loader_rejects_bad_fields(tmp_path, case, fields, needle):
+    p = _npz(tmp_path / f"{case}.npz", **fields)
+    with pytest.raises(ValueError) as e:
+        B.load_idf_counts(p)
+    assert str(p) in str(e.value) and needle in str(e.value)
+
+
+def test_loader_rejects_bad_files(tmp_path):
+    good = tmp_path / "good.npz"
+    B.save_idf_counts(good, np.array([1, 2, 0]), 3, "tok")
+    assert B.load_idf_counts(good).num_captions == 3
+    raw = good.read_bytes()
+    cases = {
+        "missing": None,
+        "truncated": raw[: len(raw) // 2],
+        "garbage": os.urandom(400),
+        "empty": b"",
+        "flipped": raw[:60] + bytes([raw[60] ^ 0xFF]) + raw[61:],
+    }
+    for name, data in cases.items():
+        p = tmp_path / f"{name}.npz"
+        if data is not None:
+            p.write_bytes(data)
+        with pytest.raises(ValueError) as e:
+            B.load_idf_counts(p)
+        assert str(p) in str(e.value), name
+    with pytest.raises(ValueError, match="vocab_size 3 does not match"):
+        B.load_idf_counts(good, vocab_size=49408)
+    with pytest.raises(ValueError, match="built with tokenizer"):
+        B.load_idf_counts(good, tokenizer="other")
+    with pytest.raises(ValueError, match="directory"):
+        B.load_idf_counts(tmp_path)
+
+
+def test_tar_reader_matches_tarfile(tmp_path):
+    """The strict tar reader returns what tarfile returns (ustar, pax, GNU long names, dirs)."""
+    p = tmp_path / "mixed.tar"
+    with tarfile.open(p, "w", format=tarfile.GNU_FORMAT) as tf:
+        for name, data in [("a/b.txt", b"one"), ("d" * 120 + ".txt", b"two"), ("e.jpg", b"x" * 3000)]:
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+        ti = tarfile.TarInfo("dir")
+        ti.type = tarfile.DIRTYPE
+        tf.addfile(ti)
+    with open(p, "rb") as f:
+        got = list(B.iter_tar_members(f, "txt", seekable=True))
+    assert got == [("a/b.txt", "a/b", "txt", b"one"), ("d" * 120 + ".txt", "d" * 120, "txt", b"two"),
+                   ("e.jpg", "e", "jpg", None)]
+    with open(p, "rb") as f:
+        got2 = list(B.iter_tar_members(io.BufferedReader(io.BytesIO(f.read()))))
+    assert [(n, d) for n, _, _, d in got2] == [("a/b.txt", b"one"), ("d" * 120 + ".txt", b"two"),
+                                               ("e.jpg", b"x" * 3000)]
+
+
+def test_csv_quoting_and_columns(tmp_path, capsys):
+    caps = ['multi\nline "quoted", caption', "plain", "comma, inside"]
+    p = write_csv(tmp_path / "q.csv", caps)
+    out = tmp_path / "q.npz"
+    assert run([p, "-o", out, "-j", "2"]) == 0
+    ref, n = naive(caps)
+    assert np.array_equal(loaded(out)[0], ref)
+    assert run([p, "-o", out, "--csv-key", "caption"]) == 1
+    assert "no column 'caption'" in capsys.readouterr().err
+
+
+def test_cli_usage_errors(tmp_path):
+    assert B.main(["-o", str(tmp_path / "x.npz")]) == 2
+    assert B.main(["a.tar", "-o", str(tmp_path / "x.npz"), "--key", "txt:field"]) == 2
