@@ -105,7 +105,12 @@ def _class_loss_inputs(batch, width, device):
     return head, features, _tokens(batch, device)
 
 
-def _class_loss_step(impl, head, features, tokens, loss):
+def _class_loss_step(impl, head, features, tokens, loss, autocast_dtype=None):
+    with torch.autocast(features.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        _class_loss_forward_backward(impl, head, features, tokens, loss)
+
+
+def _class_loss_forward_backward(impl, head, features, tokens, loss):
     if impl == "dense":
         value = loss.class_loss(tokens, class_logits=head(features))
     else:
@@ -114,19 +119,19 @@ def _class_loss_step(impl, head, features, tokens, loss):
     value.backward()
 
 
-def class_loss_peak_memory(impl, batch, width, device):
+def class_loss_peak_memory(impl, batch, width, device, autocast_dtype=None):
     head, features, tokens = _class_loss_inputs(batch, width, device)
     loss = ClassificationAugmentedLoss(ClipLoss(), 1.0, idf="none")
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        _class_loss_step(impl, head, features, tokens, loss)
+        _class_loss_step(impl, head, features, tokens, loss, autocast_dtype)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        _class_loss_step(impl, head, features, tokens, loss)
+        _class_loss_step(impl, head, features, tokens, loss, autocast_dtype)
     # each op's own allocations net of its own frees, plus frees outside any op ("[memory]" events), in time order
     running = peak = 0
     for event in sorted(prof.events(), key=lambda e: e.time_range.start):
@@ -135,10 +140,10 @@ def class_loss_peak_memory(impl, batch, width, device):
     return peak
 
 
-def class_loss_time(batch, width, device, repeats, warmup):
+def class_loss_time(batch, width, device, repeats, warmup, autocast_dtype=None):
     head, features, tokens = _class_loss_inputs(batch, width, device)
     loss = ClassificationAugmentedLoss(ClipLoss(), 1.0, idf="none")
-    fns = {impl: (lambda impl=impl: _class_loss_step(impl, head, features, tokens, loss))
+    fns = {impl: (lambda impl=impl: _class_loss_step(impl, head, features, tokens, loss, autocast_dtype))
            for impl in ("dense", "chunked")}
     return _interleaved_medians(fns, device, repeats, warmup)
 
@@ -185,16 +190,22 @@ def main(argv=None):
         rows.append((f"step time SuperCLIP / CLIP ({args.model}, batch {batch}, {precision})",
                      f"{ratio:.4f}  ({medians['SuperCLIP']:.3f} s / {medians['CLIP']:.3f} s)"))
         print(rows[-1], flush=True)
-    memory = {impl: class_loss_peak_memory(impl, args.class_batch, width, device) for impl in ("dense", "chunked")}
-    rows.append((f"class-loss peak memory chunked / dense (B={args.class_batch}, V=49408, W={width})",
-                 f"{memory['chunked'] / memory['dense']:.4f}  ({memory['chunked'] / 2**20:.0f} MiB / "
-                 f"{memory['dense'] / 2**20:.0f} MiB)"))
-    print(rows[-1], flush=True)
-    times = class_loss_time(args.class_batch, width, device, repeats, warmup=2 if on_cuda else 1)
-    rows.append((f"class-loss fwd+bwd time chunked / dense (B={args.class_batch})",
-                 f"{times['chunked'] / times['dense']:.4f}  ({times['chunked'] * 1e3:.1f} ms / "
-                 f"{times['dense'] * 1e3:.1f} ms)"))
-    print(rows[-1], flush=True)
+    # the class loss alone, in fp32 and in the precision a training run uses on this device
+    head_grad_mib = (49408 * width + 49408) * 4 / 2**20
+    for label, dtype in (("fp32", None), ("amp_bf16", torch.bfloat16)) if on_cuda else (("fp32", None),):
+        memory = {impl: class_loss_peak_memory(impl, args.class_batch, width, device, dtype)
+                  for impl in ("dense", "chunked")}
+        extra = {impl: memory[impl] / 2**20 - head_grad_mib for impl in memory}
+        rows.append((f"class-loss peak memory chunked / dense (B={args.class_batch}, V=49408, W={width}, {label})",
+                     f"{memory['chunked'] / memory['dense']:.4f}  ({memory['chunked'] / 2**20:.0f} MiB / "
+                     f"{memory['dense'] / 2**20:.0f} MiB; beyond the head's {head_grad_mib:.0f} MiB weight "
+                     f"gradient: {extra['chunked'] / extra['dense']:.4f})"))
+        print(rows[-1], flush=True)
+        times = class_loss_time(args.class_batch, width, device, repeats, 2 if on_cuda else 1, dtype)
+        rows.append((f"class-loss fwd+bwd time chunked / dense (B={args.class_batch}, {label})",
+                     f"{times['chunked'] / times['dense']:.4f}  ({times['chunked'] * 1e3:.1f} ms / "
+                     f"{times['dense'] * 1e3:.1f} ms)"))
+        print(rows[-1], flush=True)
     if args.idf_captions:
         rows.extend(idf_rows(args.idf_captions))
 

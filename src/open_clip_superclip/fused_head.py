@@ -56,11 +56,12 @@ class _FusedHeadLogSumExp(torch.autograd.Function):
             for start in range(0, vocab, chunk_size):
                 end = min(start + chunk_size, vocab)
                 z = _chunk_logits(xc, weight, bias, start, end, compute_dtype, acc_dtype)
-                new_max = torch.maximum(run_max, z.amax(dim=1))
-                run_sum = run_sum * torch.exp(run_max - new_max) + torch.exp(z - new_max[:, None]).sum(dim=1)
-                run_max = new_max
                 inside, cols = _chunk_tokens(token_ids, start, end)
                 token_logits = torch.where(inside, z.gather(1, cols), token_logits)
+                new_max = torch.maximum(run_max, z.amax(dim=1))
+                # in place: one [B, chunk] buffer per chunk
+                run_sum = run_sum * torch.exp(run_max - new_max) + z.sub_(new_max[:, None]).exp_().sum(dim=1)
+                run_max = new_max
             lse = run_max + torch.log(run_sum)
         ctx.chunk_size = chunk_size
         ctx.compute_dtype = compute_dtype
@@ -84,7 +85,7 @@ class _FusedHeadLogSumExp(torch.autograd.Function):
             for start in range(0, vocab, chunk_size):
                 end = min(start + chunk_size, vocab)
                 z = _chunk_logits(xc, weight, bias, start, end, compute_dtype, acc_dtype)
-                g = torch.exp(z - lse[:, None]) * grad_lse
+                g = z.sub_(lse[:, None]).exp_().mul_(grad_lse)  # softmax * grad, in z's buffer
                 inside, cols = _chunk_tokens(token_ids, start, end)
                 g.scatter_add_(1, cols, torch.where(inside, grad_tokens, 0.0))
                 if need_b:

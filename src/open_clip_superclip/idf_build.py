@@ -12,6 +12,7 @@ import concurrent.futures as cf
 import csv
 import dataclasses
 import datetime
+import functools
 import gzip
 import hashlib
 import io
@@ -345,20 +346,33 @@ def _clean_lower_exact(text: str) -> str:
 _CLEAN_LOWER: Callable[[str], str] = _clean_lower_exact
 
 
-_RISKY_AMP = re.compile(r"&(?! |\Z)")  # '&' that html.unescape or ftfy could read as an entity
+_RISKY_AMP = re.compile(r"&(?! |\Z)")  # an '&' that html.unescape or ftfy could read as an entity
+_FLAG_RE = re.compile(r"[^ -~]+|&(?! |\Z)")  # what makes a caption need a closer look
 
 
-def _build_ftfy_gate() -> Callable[[str], bool]:
-    """A test that ftfy.fix_text(t) == t for a printable text t, at C speed; lambda t: False if unsure.
+class _FtfyGate:
+    """Computes ftfy.fix_text(t) at C speed for most captions, or says it cannot (returns None).
 
-    ftfy.fix_and_explain returns its input when one pass changes nothing. One pass is: unescape_html
-    (needs '&'), fix_encoding (a no-op unless badness.is_bad(t)), a fixed list of fixers that each
-    rewrite only certain characters, then NFC normalisation. So t is left alone when it holds none
-    of those characters, is NFC-normal and is not 'bad'. The character set is taken from ftfy's own
-    tables and regexes and checked against every fixer on all printable characters; any surprise
-    (another ftfy version with other fixers or defaults) disables the gate.
+    ftfy.fix_and_explain repeats passes until one changes nothing. A pass is: unescape_html (skipped
+    when the text holds '<'), fix_encoding (a no-op for ASCII and unless badness.is_bad), a fixed
+    list of fixers that each rewrite only certain characters, then NFC normalisation. So a text
+    comes back unchanged when it holds none of those characters, is NFC-normal and is not 'bad'.
+    When its only such characters are curly quotes, the first pass yields uncurl_quotes(t) and the
+    second pass leaves that alone under the same conditions. The character set comes from ftfy's own
+    tables and regexes and is checked against every fixer on all characters; any surprise (another
+    ftfy version with other fixers or defaults) turns the gate off (every call returns None).
     """
-    try:
+
+    def __init__(self):
+        self.ok = False
+        try:
+            self._build()
+            self.ok = True
+        except Exception:  # noqa: BLE001 - never guess: fall back to ftfy itself
+            self.ok = False
+
+    def _build(self) -> None:
+        import html
         import unicodedata
 
         import ftfy
@@ -366,71 +380,100 @@ def _build_ftfy_gate() -> Callable[[str], bool]:
         import ftfy.chardata as cd
         import ftfy.fixes as fixes
 
-        expected = {"fix_c1_controls", "fix_latin_ligatures", "fix_character_width", "uncurl_quotes",
-                    "fix_line_breaks", "fix_surrogates", "remove_terminal_escapes", "remove_control_chars"}
+        fixers = ["fix_c1_controls", "fix_latin_ligatures", "fix_character_width", "uncurl_quotes",
+                  "fix_line_breaks", "fix_surrogates", "remove_terminal_escapes", "remove_control_chars"]
         names = set()
         stack = list(ftfy.fix_and_explain.__code__.co_consts)
         while stack:
             c = stack.pop()
             if isinstance(c, tuple):
                 stack.extend(c)
-            elif isinstance(c, str) and callable(getattr(fixes, c, None)):
+            elif isinstance(c, str) and c in ftfy.FIXERS:
                 names.add(c)
-        if names != expected | {"unescape_html"}:
-            return lambda t: False
+        if names != set(fixers) | {"unescape_html"}:
+            raise RuntimeError(f"ftfy runs other fixers: {sorted(names)}")
         cfg = ftfy.TextFixerConfig()
-        if cfg.normalization != "NFC" or not cfg.fix_encoding:
-            return lambda t: False
-        printable = "".join(filter(str.isprintable, map(chr, range(0x80, 0x110000))))
-        touched = {chr(k) for k in (*cd.LIGATURES, *cd.WIDTH_MAP, *cd.CONTROL_CHARS)}
-        for rx in (cd.SINGLE_QUOTE_RE, cd.DOUBLE_QUOTE_RE, cd.C1_CONTROL_RE, fixes.SURROGATE_RE):
-            touched.update(rx.findall(printable))
-        touched.update("\r\x85\u2028\u2029\x1b")
-        touched = frozenset(touched)
-        safe = "".join(ch for ch in printable if ch not in touched)
-        if any(getattr(fixes, n)(safe) != safe for n in sorted(expected)):
-            return lambda t: False
-        limit = int(cfg.max_decode_length)
-        is_bad = badness.is_bad
-        is_normalized = unicodedata.is_normalized
-        disjoint = touched.isdisjoint
+        if (cfg.normalization != "NFC" or not cfg.fix_encoding or cfg.unescape_html != "auto"
+                or not all(getattr(cfg, n) for n in fixers)):
+            raise RuntimeError("ftfy defaults differ")
+        every = "".join(chr(i) for i in range(0x110000) if not 0xD800 <= i < 0xE000 and i != 10)
+        quotes = set(cd.SINGLE_QUOTE_RE.findall(every)) | set(cd.DOUBLE_QUOTE_RE.findall(every))
+        touched = {chr(k) for k in (*cd.LIGATURES, *cd.WIDTH_MAP, *cd.CONTROL_CHARS)} | quotes
+        touched.update(cd.C1_CONTROL_RE.findall(every))
+        touched.update(chr(i) for i in range(0xD800, 0xE000))  # surrogates
+        touched.update("\n\r\x85\u2028\u2029\x1b")
+        safe = "".join(ch for ch in every if ch not in touched)
+        if any(ftfy.FIXERS[n](safe) != safe for n in fixers):
+            raise RuntimeError("a fixer changes characters outside its tables")
+        uncurl = ftfy.FIXERS["uncurl_quotes"]
+        if any(ch not in "'\"" for ch in uncurl("".join(sorted(quotes)))):
+            raise RuntimeError("uncurl_quotes maps to other characters")
+        self.limit = int(cfg.max_decode_length)
+        self.is_nfc = functools.partial(unicodedata.is_normalized, "NFC")
+        self.is_bad = badness.is_bad
+        self.unescape_ftfy = ftfy.FIXERS["unescape_html"]
+        self.unescape_html = html.unescape
+        self.uncurl = uncurl
+        self.untouched = frozenset(touched).isdisjoint
+        self.unquoted = frozenset(touched - quotes).isdisjoint
 
-        def gate(t: str) -> bool:
-            return len(t) <= limit and disjoint(t) and is_normalized("NFC", t) and not is_bad(t)
+    def fix_text(self, t: str) -> Optional[str]:
+        """ftfy.fix_text(t) for t without '\n' or an '&' that could start an entity; None if unsure."""
+        if self.untouched(t):
+            if t.isascii():
+                return t
+            if len(t) <= self.limit and self.is_nfc(t) and not self.is_bad(t):
+                return t
+            return None
+        if not t.isascii() and self.unquoted(t) and len(t) <= self.limit:
+            if self.is_nfc(t) and not self.is_bad(t):
+                u = self.uncurl(t)
+                if self.is_nfc(u) and not self.is_bad(u):
+                    return u
+        return None
 
-        return gate
-    except Exception:  # noqa: BLE001 - never guess: fall back to ftfy itself
-        return lambda t: False
+    def basic_clean(self, t: str) -> Optional[str]:
+        """open_clip's basic_clean(t) before its strip (html.unescape twice after ftfy), or None."""
+        if not self.ok or "\n" in t or len(t) > self.limit:
+            return None
+        if "&" not in t or _RISKY_AMP.search(t) is None:
+            return self.fix_text(t)  # html.unescape has nothing to decode, before or after
+        if "<" in t:  # ftfy leaves entities alone; open_clip's html.unescape decodes them
+            w = self.fix_text(t)
+            return None if w is None else self.unescape_html(self.unescape_html(w))
+        v = self.unescape_ftfy(t)  # the first step of ftfy's first pass
+        if "\n" in v or ("&" in v and _RISKY_AMP.search(v) is not None):
+            return None  # a later pass would decode again
+        return self.fix_text(v)
 
 
-_FTFY_GATE: Optional[Callable[[str], bool]] = None
+_FTFY_GATE: Optional[_FtfyGate] = None
 
 
-def ftfy_gate() -> Callable[[str], bool]:
-    """The per-process ftfy gate (built once, ~0.3 s; built before forking so workers inherit it)."""
+def ftfy_gate() -> _FtfyGate:
+    """The per-process ftfy gate (built once, ~0.5 s; built before forking so workers inherit it)."""
     global _FTFY_GATE
     if _FTFY_GATE is None:
-        _FTFY_GATE = _build_ftfy_gate()
+        _FTFY_GATE = _FtfyGate()
     return _FTFY_GATE
 
 
-def clean_is_trivial(text: str) -> bool:
-    """True when open_clip's 'lower' cleaning of text is just " ".join(text.split()).lower().
+def trivial_clean(text: str) -> Optional[str]:
+    """X with open_clip's 'lower' cleaning of text == " ".join(X.split()).lower(); None if unsure.
 
-    That is when ftfy and html.unescape leave the text alone: printable, no '&' that could start
-    an entity, and (for non-ASCII text) the ftfy gate says so.
+    X is text itself for printable ASCII without an '&' that could start an entity; otherwise the
+    ftfy gate computes ftfy + html.unescape exactly where it can. None: run open_clip's cleaning.
     """
-    return (
-        text.isprintable()
-        and (text.isascii() or ftfy_gate()(text))
-        and ("&" not in text or _RISKY_AMP.search(text) is None)
-    )
+    if text.isascii() and text.isprintable() and ("&" not in text or _RISKY_AMP.search(text) is None):
+        return text
+    return ftfy_gate().basic_clean(text)
 
 
 def clean_lower(text: str) -> str:
     """open_clip's lower cleaning, skipping ftfy/html where they provably change nothing."""
-    if clean_is_trivial(text):
-        return " ".join(text.split()).lower()
+    t = trivial_clean(text)
+    if t is not None:
+        return " ".join(t.split()).lower()
     return _CLEAN_LOWER(text)
 
 
@@ -452,6 +495,17 @@ class _Growable:
 
     def view(self) -> np.ndarray:
         return self.a[: self.n]
+
+
+class _WordIndex(dict):
+    """word -> row; a missing word is tokenized and appended on first lookup (one C-level pass)."""
+
+    def __init__(self, new_word: Callable[[str], int]):
+        super().__init__()
+        self._new_word = new_word
+
+    def __missing__(self, word: str) -> int:
+        return self._new_word(word)
 
 
 _SEP = "\x01"  # joins printable captions into one string; never inside a printable caption
@@ -491,12 +545,34 @@ class DocFreqCounter:
             self._ascii_fast = False
 
     def _reset_words(self) -> None:
-        self._index: Dict[str, int] = {_SEP: 0}  # cleaned word -> row of the word table
+        self._index = _WordIndex(self._new_word)  # cleaned word -> row of the word table
+        self._index[_SEP] = 0
         self._starts = _Growable()
         self._lens = _Growable()
         self._toks = _Growable()
         self._starts.extend([0])
         self._lens.extend([0])
+        self._ntoks = 0
+        self._new_starts: List[int] = []
+        self._new_lens: List[int] = []
+        self._new_toks: List[int] = []
+
+    def _new_word(self, word: str) -> int:
+        ids = self._word_ids(word)
+        row = self._index[word] = len(self._index)
+        self._new_starts.append(self._ntoks)
+        self._new_lens.append(len(ids))
+        self._new_toks.extend(ids)
+        self._ntoks += len(ids)
+        return row
+
+    def _commit_words(self) -> None:
+        """Move the words added during a batch into the numpy word table (one append per batch)."""
+        if self._new_lens:
+            self._starts.extend(self._new_starts)
+            self._lens.extend(self._new_lens)
+            self._toks.extend(self._new_toks)
+            self._new_starts, self._new_lens, self._new_toks = [], [], []
 
     def _piece_ids(self, piece: str) -> tuple:
         """Ids of one regex piece: the body of SimpleTokenizer.encode's loop."""
@@ -505,9 +581,14 @@ class DocFreqCounter:
         enc = tok.encoder
         return tuple(enc[t] for t in tok.bpe("".join(be[b] for b in piece.encode("utf-8"))).split(" "))
 
-    def _word_ids(self, word: str) -> List[int]:
+    def _word_ids(self, word: str):
         """Ids of one cleaned word: SimpleTokenizer.encode's regex and BPE, run on that word only."""
         pc = self._pieces
+        if word.isalpha() and word.isascii():  # the regex yields the word itself as one piece
+            ids = pc.get(word)
+            if ids is None:
+                ids = pc[word] = self._piece_ids(word)
+            return ids
         out: List[int] = []
         for piece in self.tokenizer.pat.findall(word):
             ids = pc.get(piece)
@@ -516,23 +597,8 @@ class DocFreqCounter:
             out.extend(ids)
         return out
 
-    def _add_words(self, words: Iterable[str]) -> None:
-        index = self._index
-        for w in words:
-            if w not in index:
-                ids = self._word_ids(w)
-                index[w] = len(index)
-                self._starts.extend([self._toks.n])
-                self._lens.extend([len(ids)])
-                self._toks.extend(ids)
-
     def _word_rows(self, words: List[str]) -> np.ndarray:
-        gi = self._index.__getitem__
-        try:
-            return np.fromiter(map(gi, words), dtype=np.int64, count=len(words))
-        except KeyError:
-            self._add_words(set(words).difference(self._index))
-            return np.fromiter(map(gi, words), dtype=np.int64, count=len(words))
+        return np.fromiter(map(self._index.__getitem__, words), dtype=np.int64, count=len(words))
 
     def _generic_ids(self, caption: str):
         hf = self.tokenizer.tokenizer
@@ -564,27 +630,41 @@ class DocFreqCounter:
         slow_words: List[str] = []
         slow_lens: List[int] = []
         clean = self._clean
-        if self._ascii_fast:
-            gate = ftfy_gate()
-            risky_amp = _RISKY_AMP.search
+
+        def slow(c: str) -> None:
+            ws = clean(c).split(" ")
+            slow_words.extend(ws)
+            slow_lens.append(len(ws))
+
+        if not self._ascii_fast:
             for c in batch:
-                if c.isprintable() and (c.isascii() or gate(c)) and ("&" not in c or risky_amp(c) is None):
-                    fast.append(c)
-                else:
-                    ws = clean(c).split(" ")
-                    slow_words.extend(ws)
-                    slow_lens.append(len(ws))
+                slow(c)
         else:
-            for c in batch:
-                ws = clean(c).split(" ")
-                slow_words.extend(ws)
-                slow_lens.append(len(ws))
+            joined = " ".join(batch)
+            flags = [m.start() for m in _FLAG_RE.finditer(joined)]
+            if not flags:
+                fast = batch
+            else:
+                lens = np.fromiter(map(len, batch), dtype=np.int64, count=len(batch)) + 1
+                starts = np.cumsum(lens) - lens
+                flagged = np.unique(np.searchsorted(starts, flags, side="right") - 1).tolist()
+                is_flagged = np.zeros(len(batch), dtype=bool)
+                is_flagged[flagged] = True
+                fast = list(itertools.compress(batch, (~is_flagged).tolist()))
+                for i in flagged:
+                    c = batch[i]
+                    t = trivial_clean(c)
+                    if t is None:
+                        slow(c)
+                    else:
+                        fast.append(t)
         # words of the fast captions, separated by _SEP (row 0: no tokens), and their caption numbers
         words = (" " + _SEP + " ").join(fast).lower().split() if fast else []
         rows_f = self._word_rows(words)
         cap_f = np.cumsum(rows_f == 0)
         rows_s = self._word_rows(slow_words)
         cap_s = np.repeat(np.arange(len(fast), len(fast) + len(slow_lens), dtype=np.int64), slow_lens)
+        self._commit_words()
         rows = np.concatenate([rows_f, rows_s])
         caps = np.concatenate([cap_f, cap_s])
         lens = self._lens.view()[rows]

@@ -178,10 +178,11 @@ class NonFiniteLossGuard:
     """Skips every optimizer step whose loss (any component, on any rank) is NaN or inf, and stops the run after
     more than ``max_bad_steps`` consecutive ones.
 
-    The decision is taken before backward and all-reduced, so all ranks skip together (no rank waits in a
-    gradient all-reduce the others never start). A skipped step runs no backward, no optimizer or scaler step,
-    and drops the batch's pending IDF counts. Healthy steps run the stock code unchanged (bit-identical); the
-    price is one all-reduce of a few flags and one host sync per micro-batch.
+    The decision is taken before backward and all-reduced, so all ranks skip together. A skipped step still
+    runs a plain backward (it frees the step's autograd graph, which would otherwise stay alive through the next
+    forward, and keeps DDP's gradient all-reduces matched across ranks), then drops the gradients: no optimizer
+    or scaler step, and the batch's pending IDF counts are discarded. Healthy steps run the stock code unchanged
+    (bit-identical); the price is one all-reduce of a few flags and one host sync per micro-batch.
     """
 
     def __init__(self, args):
@@ -242,7 +243,9 @@ class NonFiniteLossGuard:
         if not self.step_bad:
             self._bad = self._non_finite_on_any_rank(total_loss)
             self.step_bad = bool(self._bad)
-        if not self.step_bad:
+        if self.step_bad:
+            total_loss.backward()  # its gradients are dropped in _end_step; the scaler is not involved
+        else:
             stock_backward(total_loss, scaler)
         self._micro += 1
         if self._micro == self.args.accum_freq:
@@ -251,6 +254,7 @@ class NonFiniteLossGuard:
     def _end_step(self) -> None:
         if self.step_bad:
             # The gated optimizer and scaler skip the update; the batch's IDF counts are dropped, not committed.
+            self.optimizer.zero_grad(set_to_none=True)
             self.loss.discard_pending_statistics()
             self.consecutive += 1
             self.total += 1
