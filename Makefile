@@ -22,7 +22,7 @@ demo: install
 	$(PY) -m open_clip_superclip.demo --smoke $(SMOKE)
 
 experiment: install
-	$(PY) -m open_clip_superclip.demo --experiment
+	$(PY) -m open_clip_superclip.demo --experiment $(if $(CELL),--cell '$(CELL)')
 
 bench: install
 	$(PY) bench/run.py

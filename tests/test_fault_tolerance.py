@@ -315,7 +315,7 @@ def test_torchrun_nan_skip_on_one_rank_then_stop_then_resume_latest_finishes(tmp
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--superclip-max-bad-steps", "-1"], "--superclip-max-bad-steps must be >= 0"),
+    (["--superclip-max-bad-steps", "-2"], "--superclip-max-bad-steps must be >= -1"),
     (["--model", "ViT-B-32", "--superclip-max-bad-steps", "3"], "--superclip-max-bad-steps has no effect"),
 ])
 def test_bad_flag_values_exit_2(capsys, extra, message):

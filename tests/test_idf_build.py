@@ -3,7 +3,6 @@
 import csv
 import gzip
 import io
-import json
 import os
 import random
 import subprocess
@@ -31,7 +30,8 @@ HARD = [
     "Caf\u00e9 cr\u00e8me br\u00fbl\u00e9e, na\u00efve r\u00e9sum\u00e9 \u00c5ngstr\u00f6m",
     "e\u0301 combining accent and \u0130stanbul DOTTED",
     "emoji \U0001F389\U0001F44D\U0001F3FD family \U0001F468\u200d\U0001F469\u200d\U0001F467 flags \U0001F1EF\U0001F1F5",
-    "\u6771\u4eac\u30bf\u30ef\u30fc \u5317\u4eac \ud55c\uad6d\uc5b4 \u0627\u0644\u0639\u0631\u0628\u064a\u0629 \u0420\u0443\u0441\u0441\u043a\u0438\u0439",
+    "\u6771\u4eac\u30bf\u30ef\u30fc \u5317\u4eac \ud55c\uad6d\uc5b4 "
+    "\u0627\u0644\u0639\u0631\u0628\u064a\u0629 \u0420\u0443\u0441\u0441\u043a\u0438\u0439",
     "punctuation!!!??? ... --- *** ((nested)) [[x]] {{y}} ~~~ @@@ ### $$$ %%%",
     "https://example.com/path/to/img_01.jpg?size=large&fmt=webp#frag",
     "www.shop.co.uk/item/12345 -- $19.99 (50% off!) 1920x1080 4K UHD",
@@ -53,6 +53,7 @@ HARD = [
     "a" * 300,
     " ".join(["very long caption with many words"] * 120),
     "Hello\u0301World \u0300 standalone combining",
+    "skipped by the regex: a\u0345b \u0345 x\u0345 \u0345\u0345y",
 ]
 
 
@@ -138,6 +139,72 @@ def test_counter_identical_per_caption_on_hard_text():
         assert set(np.nonzero(df)[0].tolist()) == set(tok.encode(cap)), repr(cap)
 
 
+FUZZ_PIECES = (list("abcXYZ019 .,!?'&;#<>-_/\"()") + [
+    "&amp;", "&amp;amp;", "&#39;", "&#x27;", "&lt;", "&gt;", "&quot;", "&nbsp;", "&eacute;", "&EACUTE;", "&#1;",
+    "&#10;", "&#x85;", "&#8217;", "&copy", "&am", "&#", " & ", "\t", "\n", "\r", "\x0c", "\u00e9", "\u00c9",
+    "\u00fc", "\u00f1", "\u00c3\u00a9", "\u00c3", "\u00a9", "\u00c2", "\u00a0", "\u00e2\u0080\u0099", "\u2019",
+    "\u2018", "\u201c", "\u201d", "\u02bc", "\u2014", "\u2013", "\u2026", "\u00bd", "\u00b0", "\u00d7", "\u00b2",
+    "\U0001F600", "\u2764\ufe0f", "\U0001F468\u200d\U0001F469", "\u6771\u4eac", "\u30bf", "\uff21", "\uff62",
+    "\u3000", "\ufb01", "\u0301", "\u0130", "\u03a3", "\u03c2", "\u0410", "\u0627", "\u200b", "\ufeff",
+    "\x1b[31m", "\x00", "\x7f", "\x85", "\x9d", "\u2028", "\ud800", "\U0001d400", "\u212b", "\uf900", "\u0152",
+    "\u0153", "\u00d8", "\u00e0\u00b2", "\u2500", "\u00a3", "\u20ac", "\u00ae", "\u2122", "<start_of_text>", "\u0345"])
+
+
+def _fuzz(n, seed):
+    rng = random.Random(seed)
+    out = ["".join(rng.choice(FUZZ_PIECES) for _ in range(rng.randint(0, 12))) for _ in range(n)]
+    out += ["".join(chr(rng.randrange(0x20, 0x3000)) for _ in range(rng.randint(1, 8))) for _ in range(n // 4)]
+    return out
+
+
+def test_ftfy_gate_equals_open_clip_cleaning():
+    """Where the shortcut answers, it gives open_clip's exact cleaning (ftfy + html.unescape x2)."""
+    clean = B._tokenizer_module().get_clean_fn("lower")
+    gate = B.ftfy_gate()
+    assert gate.ok
+    answered = 0
+    for text in HARD + _fuzz(12000, seed=11):
+        x = B.trivial_clean(text)
+        if x is not None:
+            answered += 1
+            assert " ".join(x.split()).lower() == clean(text), repr(text)
+    assert answered > 4000  # the shortcut does take most non-pathological text
+
+
+def test_windowed_badness_equals_ftfy():
+    import ftfy.badness as badness
+
+    windowed = B._windowed_is_bad(badness.BADNESS_RE)
+    assert windowed is not None
+    rng = random.Random(3)
+    alphabet = [chr(i) for i in range(32, 127)] + list(
+        "\u00c3\u00c2\u00ce\u00d0\u20ac\u0153\u0160\u00a2\u00a3\u00a0\u00ae\u00a9\u00b0\u00b7\u00bb\u2013\u2014"
+        "\u00d7\u00b2\u00d8\u00d9\u00e0\u00b5\u00bd\u221a\u00b1\u2122\u2248\u201a\u00c4\u00ec\u0432\u0402\u0413"
+        "\u0412\u03b2\u0392\u0101\u00e9\u00c9\u00fc\u4e1c")
+    positives = 0
+    for _ in range(20000):
+        t = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+        expected = badness.is_bad(t)
+        positives += expected
+        assert windowed(t) == expected, repr(t)
+    assert positives > 3000
+
+
+def test_counter_identical_per_caption_on_fuzz():
+    tok = B.get_tokenizer("")
+    counter = B.DocFreqCounter(tok)
+    for cap in _fuzz(1200, seed=12):
+        counter.reset()
+        counter.add_many([cap])
+        df, n = counter.result()
+        assert set(np.nonzero(df)[0].tolist()) == set(tok.encode(cap)), repr(cap)
+    caps = _fuzz(3000, seed=13)
+    counter.reset()
+    counter.add_many(caps)
+    ref, n = naive(caps)
+    assert counter.num_captions == n and np.array_equal(counter.doc_freq, ref)
+
+
 def test_counter_equals_naive_and_cache_eviction():
     caps = make_captions(400, seed=3)
     ref, n = naive(caps)
@@ -216,6 +283,15 @@ def test_torchrun_two_ranks_equals_single_run(corpus, tmp_path):
     a, b = loaded(single), loaded(dist)
     assert a[1] == b[1] == corpus["n"] and np.array_equal(a[0], b[0])
     assert B.load_idf_counts(dist).meta["world_size"] == 2
+    # a corrupt shard on rank 1 (units are dealt round-robin): every rank exits non-zero, nothing written
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(b"\x00garbage" * 700)
+    out2 = tmp_path / "dist2.npz"
+    cmd2 = [*cmd[:6], corpus["shards"][0], str(bad), "-o", str(out2), "--no-progress"]
+    r = subprocess.run(cmd2, env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode != 0
+    assert "bad.tar" in r.stderr and "rank 1" in r.stderr and "NOT written" in r.stderr, r.stderr
+    assert not out2.exists()
 
 
 @pytest.mark.parametrize("jobs", ["1", "2"])
@@ -368,6 +444,31 @@ def test_tar_reader_matches_tarfile(tmp_path):
                                                ("e.jpg", b"x" * 3000)]
 
 
+def test_tar_bulk_path_edge_cases(tmp_path):
+    """Long runs take the numpy path; pax records, odd text and a corrupt header mid-run are still exact."""
+    caps = [f"caption {i} size=large path=/x" if i % 97 == 0 else f"caption {i}" for i in range(3000)]
+    p = tmp_path / "big.tar"
+    with wds.TarWriter(str(p)) as w:
+        for i, c in enumerate(caps):
+            key = ("k" * 120 + str(i)) if i == 1500 else f"{i:06d}"  # one pax path record mid-run
+            w.write({"__key__": key, "txt": c, "jpg": bytes(300 + i % 50)})
+    with open(p, "rb") as f:
+        got = [(k, d.decode()) for _, k, e, d in B.iter_tar_members(f, "txt", seekable=True) if d is not None]
+    with tarfile.open(p) as tf:
+        ref = [(m.name.rsplit(".", 1)[0], tf.extractfile(m).read().decode()) for m in tf if m.name.endswith(".txt")]
+    assert got == ref and len(got) == 3000
+    data = bytearray(p.read_bytes())
+    hdr = 512 * 2000  # a header block well inside a long run: corrupt one byte of a name
+    while data[hdr + 257 : hdr + 262] != b"ustar":
+        hdr += 512
+    data[hdr + 3] ^= 0x20
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"at byte {hdr} .checksum"):
+        with open(bad, "rb") as f:
+            list(B.iter_tar_members(f, "txt", seekable=True))
+
+
 def test_csv_quoting_and_columns(tmp_path, capsys):
     caps = ['multi\nline "quoted", caption', "plain", "comma, inside"]
     p = write_csv(tmp_path / "q.csv", caps)
@@ -382,3 +483,34 @@ def test_csv_quoting_and_columns(tmp_path, capsys):
 def test_cli_usage_errors(tmp_path):
     assert B.main(["-o", str(tmp_path / "x.npz")]) == 2
     assert B.main(["a.tar", "-o", str(tmp_path / "x.npz"), "--key", "txt:field"]) == 2
+
+
+class _FakeHF:
+    """Stands in for a HF tokenizer: ids are word lengths (enough to test the generic path)."""
+
+    name_or_path = "fake"
+
+    def __call__(self, text, add_special_tokens=True, truncation=True):
+        assert add_special_tokens is False and truncation is False
+        return {"input_ids": [len(w) % 10 for w in text.split()]}
+
+    def __len__(self):
+        return 10
+
+    def get_vocab(self):
+        return {str(i): i for i in range(10)}
+
+
+class _FakeWrapper:
+    def __init__(self):
+        self.tokenizer = _FakeHF()
+        self.clean_fn = str.lower
+
+
+def test_generic_tokenizer_path():
+    tok = _FakeWrapper()
+    counter = B.DocFreqCounter(tok)
+    counter.add_many(["a bb ccc", "dd dd", ""])
+    df, n = counter.result()
+    assert n == 3 and df.tolist() == [0, 1, 2, 1, 0, 0, 0, 0, 0, 0]
+    assert B.tokenizer_identity(tok).startswith("open_clip._FakeWrapper/fake/10/vocab-sha256=")

@@ -19,6 +19,7 @@ import io
 import itertools
 import json
 import multiprocessing as mp
+import operator
 import os
 import re
 import struct
@@ -27,9 +28,12 @@ import tempfile
 import time
 import zipfile
 import zlib
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT_NAME = "superclip-idf-counts"
 FORMAT_VERSION = 1
@@ -347,7 +351,6 @@ _CLEAN_LOWER: Callable[[str], str] = _clean_lower_exact
 
 
 _RISKY_AMP = re.compile(r"&(?! |\Z)")  # an '&' that html.unescape or ftfy could read as an entity
-_FLAG_RE = re.compile(r"[^ -~]+|&(?! |\Z)")  # what makes a caption need a closer look
 
 
 class _FtfyGate:
@@ -378,7 +381,6 @@ class _FtfyGate:
         import ftfy
         import ftfy.badness as badness
         import ftfy.chardata as cd
-        import ftfy.fixes as fixes
 
         fixers = ["fix_c1_controls", "fix_latin_ligatures", "fix_character_width", "uncurl_quotes",
                   "fix_line_breaks", "fix_surrogates", "remove_terminal_escapes", "remove_control_chars"]
@@ -410,7 +412,7 @@ class _FtfyGate:
             raise RuntimeError("uncurl_quotes maps to other characters")
         self.limit = int(cfg.max_decode_length)
         self.is_nfc = functools.partial(unicodedata.is_normalized, "NFC")
-        self.is_bad = badness.is_bad
+        self.is_bad = _windowed_is_bad(badness.BADNESS_RE) or badness.is_bad
         self.unescape_ftfy = ftfy.FIXERS["unescape_html"]
         self.unescape_html = html.unescape
         self.uncurl = uncurl
@@ -445,6 +447,83 @@ class _FtfyGate:
         if "\n" in v or ("&" in v and _RISKY_AMP.search(v) is not None):
             return None  # a later pass would decode again
         return self.fix_text(v)
+
+
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")
+
+
+def _windowed_is_bad(rx) -> Optional[Callable[[str], bool]]:
+    """ftfy's is_bad(t), searching only around the non-ASCII characters of t; None if not provable.
+
+    Exact when every alternative of the badness regex needs a non-ASCII character and a match is at
+    most W characters long: a match then lies within W - 1 characters of one, i.e. inside
+    [first non-ASCII - W + 1, last non-ASCII + W). The regex is checked for both properties (and
+    for anchors other than '^', which a search from pos > 0 never matches) before this is used.
+    """
+    try:
+        try:
+            import re._parser as sre_parse
+        except ImportError:  # Python < 3.11
+            import sre_parse
+        from re import _constants as c
+    except ImportError:
+        return None
+    try:
+        tree = sre_parse.parse(rx.pattern, rx.flags)
+        width = tree.getwidth()[1]
+        if rx.flags & re.IGNORECASE or width > 64:
+            return None
+
+        def nonascii_item(op, av) -> bool:
+            if op is c.LITERAL:
+                return av >= 128
+            if op is c.IN:
+                for iop, iav in av:
+                    if iop is c.LITERAL and iav >= 128:
+                        continue
+                    if iop is c.RANGE and iav[0] >= 128:
+                        continue
+                    return False
+                return True
+            if op is c.SUBPATTERN:
+                return needs_nonascii(av[-1])
+            if op is c.BRANCH:
+                return all(needs_nonascii(b) for b in av[1])
+            return False
+
+        def needs_nonascii(seq) -> bool:
+            return any(nonascii_item(op, av) for op, av in seq)
+
+        def anchors_ok(seq) -> bool:
+            for op, av in seq:
+                if op is c.AT and av is not c.AT_BEGINNING:
+                    return False
+                if op in (c.ASSERT, c.ASSERT_NOT, c.GROUPREF, c.GROUPREF_EXISTS):
+                    return False
+                if op is c.SUBPATTERN and not anchors_ok(av[-1]):
+                    return False
+                if op is c.BRANCH and not all(anchors_ok(b) for b in av[1]):
+                    return False
+                if op in (c.MAX_REPEAT, c.MIN_REPEAT) and not anchors_ok(av[2]):
+                    return False
+            return True
+
+        if not (needs_nonascii(tree) and anchors_ok(tree)):
+            return None
+    except Exception:  # noqa: BLE001
+        return None
+    search = rx.search
+    first = _NON_ASCII.search
+
+    def is_bad(t: str) -> bool:
+        m = first(t)
+        if m is None:
+            return False
+        lo = m.start()
+        hi = len(t) - first(t[::-1]).start()  # one past the last non-ASCII character
+        return search(t, max(0, lo - width + 1), min(len(t), hi - 1 + width)) is not None
+
+    return is_bad
 
 
 _FTFY_GATE: Optional[_FtfyGate] = None
@@ -497,17 +576,6 @@ class _Growable:
         return self.a[: self.n]
 
 
-class _WordIndex(dict):
-    """word -> row; a missing word is tokenized and appended on first lookup (one C-level pass)."""
-
-    def __init__(self, new_word: Callable[[str], int]):
-        super().__init__()
-        self._new_word = new_word
-
-    def __missing__(self, word: str) -> int:
-        return self._new_word(word)
-
-
 _SEP = "\x01"  # joins printable captions into one string; never inside a printable caption
 
 
@@ -515,8 +583,8 @@ class DocFreqCounter:
     """Counts, per token id, the captions containing it; ids equal tokenizer.encode(caption) exactly.
 
     Why it is fast: SimpleTokenizer.encode cleans every caption with ftfy + html.unescape and runs
-    its regex over it. Where that cleaning provably changes nothing but spacing and case
-    (clean_is_trivial: printable ASCII without entities, or text the ftfy gate clears) it is
+    its regex over it. Where the cleaning's result can be had without running ftfy (printable
+    ASCII without entities: nothing to do; most other text: the ftfy gate, see _FtfyGate) ftfy is
     skipped. The regex never matches across whitespace, so encoding a caption equals encoding each
     whitespace-separated word of the cleaned text; every distinct word gets an index and its ids
     are computed once. A batch of captions is then lower-cased and split in one C call, mapped to
@@ -545,34 +613,12 @@ class DocFreqCounter:
             self._ascii_fast = False
 
     def _reset_words(self) -> None:
-        self._index = _WordIndex(self._new_word)  # cleaned word -> row of the word table
-        self._index[_SEP] = 0
-        self._starts = _Growable()
-        self._lens = _Growable()
-        self._toks = _Growable()
+        self._index: Dict[str, int] = {_SEP: 0}  # cleaned word -> row of the word table
+        self._starts = _Growable()  # row -> first position in _toks
+        self._lens = _Growable()  # row -> number of token ids
+        self._toks = _Growable()  # token ids of all words, back to back
         self._starts.extend([0])
         self._lens.extend([0])
-        self._ntoks = 0
-        self._new_starts: List[int] = []
-        self._new_lens: List[int] = []
-        self._new_toks: List[int] = []
-
-    def _new_word(self, word: str) -> int:
-        ids = self._word_ids(word)
-        row = self._index[word] = len(self._index)
-        self._new_starts.append(self._ntoks)
-        self._new_lens.append(len(ids))
-        self._new_toks.extend(ids)
-        self._ntoks += len(ids)
-        return row
-
-    def _commit_words(self) -> None:
-        """Move the words added during a batch into the numpy word table (one append per batch)."""
-        if self._new_lens:
-            self._starts.extend(self._new_starts)
-            self._lens.extend(self._new_lens)
-            self._toks.extend(self._new_toks)
-            self._new_starts, self._new_lens, self._new_toks = [], [], []
 
     def _piece_ids(self, piece: str) -> tuple:
         """Ids of one regex piece: the body of SimpleTokenizer.encode's loop."""
@@ -581,24 +627,52 @@ class DocFreqCounter:
         enc = tok.encoder
         return tuple(enc[t] for t in tok.bpe("".join(be[b] for b in piece.encode("utf-8"))).split(" "))
 
-    def _word_ids(self, word: str):
-        """Ids of one cleaned word: SimpleTokenizer.encode's regex and BPE, run on that word only."""
+    def _add_words(self, new: List[str]) -> None:
+        """Tokenize distinct new words in one pass and append them to the word table.
+
+        The regex runs once over the words joined by spaces: its pieces never hold whitespace and
+        almost always tile the words, so cumulative piece lengths tell which word each piece
+        belongs to. Where the regex skips a character (U+0345 matches none of its alternatives),
+        piece positions are used instead.
+        """
+        joined = " ".join(new)
+        pieces = self.tokenizer.pat.findall(joined)
         pc = self._pieces
-        if word.isalpha() and word.isascii():  # the regex yields the word itself as one piece
-            ids = pc.get(word)
-            if ids is None:
-                ids = pc[word] = self._piece_ids(word)
-            return ids
-        out: List[int] = []
-        for piece in self.tokenizer.pat.findall(word):
-            ids = pc.get(piece)
-            if ids is None:
-                ids = pc[piece] = self._piece_ids(piece)
-            out.extend(ids)
-        return out
+        ids = list(map(pc.get, pieces))
+        for j in [j for j, x in enumerate(ids) if x is None]:
+            p = pieces[j]
+            x = pc.get(p)
+            if x is None:
+                x = pc[p] = self._piece_ids(p)
+            ids[j] = x
+        wlen = np.fromiter(map(len, new), dtype=np.int64, count=len(new))
+        wend = np.cumsum(wlen)
+        pend = np.cumsum(np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces)))
+        if not len(pieces) or pend[-1] == wend[-1]:
+            owner = np.searchsorted(wend, pend, side="left")
+        else:
+            wstart = wend - wlen + np.arange(len(new))  # offsets in `joined`
+            pos = np.fromiter((m.start() for m in self.tokenizer.pat.finditer(joined)), dtype=np.int64,
+                              count=len(pieces))
+            owner = np.searchsorted(wstart, pos, side="right") - 1
+        ntok = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        toks = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(ntok.sum()))
+        wtok = np.bincount(owner, weights=ntok, minlength=len(new)).astype(np.int64)
+        self._starts.extend(self._toks.n + np.cumsum(wtok) - wtok)
+        self._lens.extend(wtok)
+        self._toks.extend(toks)
+        index = self._index
+        index.update(zip(new, range(len(index), len(index) + len(new))))
 
     def _word_rows(self, words: List[str]) -> np.ndarray:
-        return np.fromiter(map(self._index.__getitem__, words), dtype=np.int64, count=len(words))
+        index = self._index
+        rows = np.fromiter(map(index.get, words, itertools.repeat(-1)), dtype=np.int64, count=len(words))
+        miss = np.flatnonzero(rows < 0)
+        if len(miss):
+            missing = [words[i] for i in miss.tolist()]
+            self._add_words(list(dict.fromkeys(missing)))
+            rows[miss] = np.fromiter(map(index.__getitem__, missing), dtype=np.int64, count=len(missing))
+        return rows
 
     def _generic_ids(self, caption: str):
         hf = self.tokenizer.tokenizer
@@ -640,31 +714,30 @@ class DocFreqCounter:
             for c in batch:
                 slow(c)
         else:
-            joined = " ".join(batch)
-            flags = [m.start() for m in _FLAG_RE.finditer(joined)]
-            if not flags:
+            k = len(batch)
+            # printable ASCII without '&' needs no cleaning: three C-level passes find the rest
+            plain = np.fromiter(map(str.isascii, batch), dtype=bool, count=k)
+            plain &= np.fromiter(map(str.isprintable, batch), dtype=bool, count=k)
+            plain &= ~np.fromiter(map(operator.contains, batch, itertools.repeat("&")), dtype=bool, count=k)
+            if plain.all():
                 fast = batch
             else:
-                lens = np.fromiter(map(len, batch), dtype=np.int64, count=len(batch)) + 1
-                starts = np.cumsum(lens) - lens
-                flagged = np.unique(np.searchsorted(starts, flags, side="right") - 1).tolist()
-                is_flagged = np.zeros(len(batch), dtype=bool)
-                is_flagged[flagged] = True
-                fast = list(itertools.compress(batch, (~is_flagged).tolist()))
-                for i in flagged:
+                fast = list(itertools.compress(batch, plain.tolist()))
+                for i in np.flatnonzero(~plain).tolist():
                     c = batch[i]
-                    t = trivial_clean(c)
-                    if t is None:
+                    x = trivial_clean(c)
+                    if x is None:
                         slow(c)
                     else:
-                        fast.append(t)
+                        ws = " ".join(x.split()).lower().split(" ")
+                        slow_words.extend(ws)
+                        slow_lens.append(len(ws))
         # words of the fast captions, separated by _SEP (row 0: no tokens), and their caption numbers
         words = (" " + _SEP + " ").join(fast).lower().split() if fast else []
         rows_f = self._word_rows(words)
         cap_f = np.cumsum(rows_f == 0)
         rows_s = self._word_rows(slow_words)
         cap_s = np.repeat(np.arange(len(fast), len(fast) + len(slow_lens), dtype=np.int64), slow_lens)
-        self._commit_words()
         rows = np.concatenate([rows_f, rows_s])
         caps = np.concatenate([cap_f, cap_s])
         lens = self._lens.view()[rows]
@@ -680,9 +753,6 @@ class DocFreqCounter:
         keep[0] = True
         np.not_equal(key[1:], key[:-1], out=keep[1:])
         self.doc_freq += np.bincount(key[keep] % self.vocab_size, minlength=self.vocab_size)
-
-    def flush(self) -> None:
-        """Kept for callers of the earlier API; counts are always up to date."""
 
     def result(self) -> Tuple[np.ndarray, int]:
         return self.doc_freq, self.num_captions
@@ -886,7 +956,87 @@ def _checksum_ok(hdr: bytes, stored: int) -> bool:
     return unsigned == stored or unsigned - 256 * sum(b > 127 for b in hdr[:148] + hdr[156:]) == stored
 
 
-_TAR_HEADER = struct.Struct("100s24x12s12x8sB100x6s82x155s")  # name size chksum type magic prefix
+_TAR_SIZE_SUM_TYPE = struct.Struct("124x12s12x8sB")  # size, chksum, typeflag
+_TAR_NAMES = struct.Struct("100s157x6s82x155s")  # name, magic, prefix
+
+
+_OCT6 = 8 ** np.arange(5, -1, -1, dtype=np.int64)
+
+
+def _tar_bulk(buf: bytes, pos: int, want: Optional[str], base: int):
+    """Parse a run of plain members (types '0' and 'x') lying wholly in buf, checksums in numpy.
+
+    Why: the per-header Python loop costs microseconds; webdataset shards are long runs of
+    pax-headed regular files. The run stops before anything else (other types, unusual field
+    formats, a bad checksum, pax records that set path or size, a member not wholly in buf), which
+    the careful loop in iter_tar_members then handles, errors included. Returns (items, new pos).
+    """
+    end = len(buf)
+    hp: List[int] = []
+    sizes: List[int] = []
+    p = pos
+    while p + 512 <= end:
+        typ = buf[p + 156]
+        if typ != 0x30 and typ != 0x78:
+            break
+        try:
+            size = int(buf[p + 124 : p + 135], 8)
+        except ValueError:
+            break
+        nxt = p + 512 + ((size + 511) & ~511)
+        if nxt > end or buf[p + 135] not in (0, 32):
+            break
+        hp.append(p)
+        sizes.append(size)
+        p = nxt
+    if len(hp) < 16:
+        return [], pos
+    if pos % 512:  # members are 512-aligned in the stream and buf starts on a block boundary
+        return [], pos
+    blocks = np.frombuffer(buf, dtype=np.uint8, count=end - end % 512).reshape(-1, 512)
+    heads = blocks[np.asarray(hp, dtype=np.int64) // 512]
+    chk = heads[:, 148:156].astype(np.int64)
+    digits = chk[:, :6] - 48
+    fmt_ok = (chk[:, 6] == 0) & (chk[:, 7] == 32) & (digits >= 0).all(1) & (digits <= 7).all(1)
+    stored = digits @ _OCT6
+    total = heads.sum(axis=1, dtype=np.int64) - chk.sum(axis=1) + 256
+    good = fmt_ok & (total == stored)
+    n = len(hp) if good.all() else int(np.argmin(good))
+    typs = heads[:n, 156]
+    pax_rows = np.flatnonzero(typs == 0x78).tolist()
+    for r in pax_rows:
+        a = hp[r] + 512
+        data = buf[a : a + sizes[r]]
+        if b"path=" in data or b"size=" in data:
+            n = r
+            break
+    while n and typs[n - 1] == 0x78:  # a pax header belongs with its member: leave both
+        n -= 1
+    if n < 1:
+        return [], pos
+    items = []
+    is_file = (typs[:n] == 0x30).tolist()
+    ustar = (heads[:n, 257:263] == np.frombuffer(b"ustar\x00", dtype=np.uint8)).all(1) & (heads[:n, 345] != 0)
+    ustar = ustar.tolist()
+    for r in range(n):
+        if not is_file[r]:
+            continue
+        p = hp[r]
+        raw = buf[p : p + 100]
+        i = raw.find(0)
+        name = (raw if i < 0 else raw[:i]).decode("utf-8", "surrogateescape")
+        if ustar[r]:
+            pre = buf[p + 345 : p + 500]
+            j = pre.find(0)
+            name = (pre if j < 0 else pre[:j]).decode("utf-8", "surrogateescape") + "/" + name
+        slash = name.rfind("/")
+        dot = name.find(".", slash + 1)
+        if dot <= slash + 1 or (name[:2] == "__" and _META_RE.match(name)):
+            continue
+        ext = name[dot + 1 :].lower()
+        data = buf[p + 512 : p + 512 + sizes[r]] if want is None or ext == want else None
+        items.append((name, name[:dot], ext, data))
+    return items, hp[n - 1] + 512 + ((sizes[n - 1] + 511) & ~511)
 
 
 def iter_tar_members(
@@ -910,7 +1060,8 @@ def iter_tar_members(
     long_name: Optional[str] = None
     pax: Dict[str, str] = {}
     adler32 = zlib.adler32
-    unpack = _TAR_HEADER.unpack_from
+    unpack = _TAR_SIZE_SUM_TYPE.unpack_from
+    unpack_names = _TAR_NAMES.unpack_from
 
     def need(n: int) -> bool:
         nonlocal buf, pos, base
@@ -929,14 +1080,25 @@ def iter_tar_members(
         pos = 0
         return len(buf) >= n
 
+    bulk_pause = 0
     while True:
+        if long_name is None and not pax and len(buf) - pos >= 65536:
+            if bulk_pause:
+                bulk_pause -= 1
+            else:
+                items, new_pos = _tar_bulk(buf, pos, want, base)
+                if items or new_pos != pos:
+                    pos = new_pos
+                    yield from items
+                    continue
+                bulk_pause = 64  # nothing bulk-able here: the careful loop takes a stretch
         if len(buf) - pos < 512 and not need(512):
             if len(buf) - pos == 0:
                 raise ValueError(
                     "truncated tar: no end-of-archive block" if base else "empty file, not a tar archive"
                 )
             raise ValueError(f"truncated tar: partial header at byte {base + pos}")
-        raw_name, sz, chk, typ, magic, raw_prefix = unpack(buf, pos)
+        sz, chk, typ = unpack(buf, pos)
         try:
             stored = int(chk.rstrip(b"\0 "), 8)
         except ValueError:
@@ -958,7 +1120,7 @@ def iter_tar_members(
         off = base + pos
         pos += 512
         padded = (size + 511) & ~511
-        if typ in (0x78, 0x67, 0x4C, 0x4B):  # x g L K: extended headers for the next member
+        if typ == 0x78 or typ == 0x67 or typ == 0x4C or typ == 0x4B:  # x g L K: extended headers
             if len(buf) - pos < padded and not need(padded):
                 raise ValueError(f"truncated tar: extended header at byte {off} cut short")
             data = buf[pos : pos + size]
@@ -975,6 +1137,7 @@ def iter_tar_members(
         elif "path" in pax:
             name = pax["path"]
         else:
+            raw_name, magic, raw_prefix = unpack_names(buf, off - base)
             i = raw_name.find(0)
             name = (raw_name if i < 0 else raw_name[:i]).decode("utf-8", "surrogateescape")
             if raw_prefix[0] and magic == b"ustar\x00":
@@ -1382,7 +1545,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.distributed backend under torchrun (default gloo)")
     p.add_argument("--dist-timeout", type=float, default=86400.0,
                    help="seconds a rank waits for the others at the final all_reduce (default 86400)")
-    p.add_argument("--max-word-cache", type=int, default=500_000, help=argparse.SUPPRESS)
+    p.add_argument("--word-cache", dest="max_word_cache", type=int, default=500_000, metavar="N",
+                   help="distinct words whose token ids each process keeps (default 500000, ~75 MB)")
     return p
 
 
@@ -1408,6 +1572,8 @@ def _all_reduce_counts(vec: np.ndarray, errors: List[str], backend: str, timeout
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.merge:
+        if _dist_env()[0] != 0:
+            return 0  # under a launcher, rank 0 alone merges
         try:
             n, v = merge_idf_counts(args.inputs, args.output)
         except ValueError as e:
@@ -1476,8 +1642,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if rank == 0:
                 for r, errs in enumerate(all_errors):
                     for msg in errs or []:
-                        print(f"superclip idf: error (rank {r}): {msg}" if world > 1 else f"superclip idf: error: {msg}",
-                              file=sys.stderr)
+                        where = f" (rank {r})" if world > 1 else ""
+                        print(f"superclip idf: error{where}: {msg}", file=sys.stderr)
                 print(f"superclip idf: {failed} rank(s)/run(s) failed; {args.output} was NOT written", file=sys.stderr)
             status = 1
         elif rank == 0:

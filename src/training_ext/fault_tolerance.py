@@ -318,7 +318,7 @@ def guarded_train_one_epoch(stock_train_one_epoch):
     """open_clip_train.train.train_one_epoch with the non-finite loss guard, for SuperCLIP runs."""
     def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args, tb_writer=None):
         global _guard, _active
-        if not getattr(args, "superclip", False):
+        if not getattr(args, "superclip", False) or args.superclip_max_bad_steps < 0:
             return stock_train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args,
                                          tb_writer=tb_writer)
         if _guard is None or _guard.args is not args:

@@ -32,7 +32,8 @@ def add_superclip_args(parser: argparse.ArgumentParser) -> None:
                             "faster one for the device (default).")
     group.add_argument("--superclip-max-bad-steps", type=int, default=None, metavar="N",
                        help="Optimizer steps with a NaN/inf loss are skipped; more than N consecutive ones stop the "
-                            "run (exit 1) after saving the last good state (default 20; 0 stops at the first).")
+                            "run (exit 1) after saving the last good state (default 20; 0 stops at the first; "
+                            "-1 turns the guard and its per-step host sync off).")
     from training_ext.dual_caption import add_dual_caption_args
     add_dual_caption_args(parser)
 
@@ -54,8 +55,8 @@ def finalize_superclip_args(parser: argparse.ArgumentParser, args: argparse.Name
     if idf is not None and idf not in IDF_MODES and not os.path.exists(idf):
         parser.error(f"--superclip-idf must be one of {', '.join(IDF_MODES)} or an existing IDF counts file "
                      f"(written by `superclip idf`), got {idf!r}")
-    if args.superclip_max_bad_steps is not None and args.superclip_max_bad_steps < 0:
-        parser.error(f"--superclip-max-bad-steps must be >= 0, got {args.superclip_max_bad_steps}")
+    if args.superclip_max_bad_steps is not None and args.superclip_max_bad_steps < -1:
+        parser.error(f"--superclip-max-bad-steps must be >= -1 (-1: guard off), got {args.superclip_max_bad_steps}")
 
     super_model = superclip_config(args.model) is not None
     args.superclip = super_model and lam != 0 or bool(lam)
