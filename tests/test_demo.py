@@ -26,6 +26,11 @@ def smoke_data(tmp_path_factory):
     return folder
 
 
+def _data(folder):
+    subsets = demo.mode_subsets(demo.get_mode(experiment=True, smoke=True)) | {None}
+    return demo.ensure_data(folder, demo.SMOKE_DATA, subsets)
+
+
 def _main(*argv):
     return demo.main([*map(str, argv), "--no-progress"])
 
@@ -38,7 +43,7 @@ def _png_size(path: Path):
 
 # ----------------------------------------------------------------------------------------------- pure parts
 def test_chance_levels_match_enumeration(smoke_data):
-    data = demo.ensure_data(smoke_data, demo.SMOKE_DATA)
+    data = _data(smoke_data)
     classes = len((smoke_data / "eval/emoji_heldout/classnames.txt").read_text().split())
     assert classes > 5
     assert demo.chance_level(data, "emoji_skintone", "acc1") == pytest.approx(1 / 5)
@@ -69,6 +74,20 @@ def test_train_log_parsing_keeps_the_redone_steps_of_a_resumed_run(tmp_path):
     assert all(s["class_loss"] == 9.5 for s in steps)
 
 
+def test_training_csv_holds_every_sample_once(smoke_data):
+    import csv
+    data = _data(smoke_data)
+    with open(data.csv[None], newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t"))
+    assert len(rows) == data.num_train == len({row["filepath"] for row in rows})
+    assert all(Path(row["filepath"]).is_file() and row["title"] for row in rows)
+    names = {json.loads(line)["name"] for line in (smoke_data / "emoji.jsonl").read_text().splitlines()}
+    assert all(any(name in row["title"] for name in names) for row in rows)
+    subset = data.csv[16].read_text().splitlines()
+    assert subset == data.csv[None].read_text().splitlines()[:17]
+    assert demo.steps_per_epoch(demo.get_mode(experiment=True, smoke=True).cells[0], data) == 16 // 8
+
+
 def test_cell_selection_errors():
     mode = demo.get_mode(experiment=True, smoke=True)
     assert [c.name for c in demo.select_cells(mode, ["clip-b4-*"])] == ["clip-b4-s0", "clip-b4-s1", "clip-b4-s2"]
@@ -82,7 +101,7 @@ def test_cell_selection_errors():
 
 
 def test_changed_settings_start_a_cell_over(tmp_path, smoke_data):
-    data = demo.ensure_data(smoke_data, demo.SMOKE_DATA)
+    data = _data(smoke_data)
     runtime = demo.Runtime("cpu", "fp32", workers=1, jobs=1, cores=1)
     cell = demo.get_mode(experiment=True, smoke=True).cells[0]
     run = demo.CellRun(cell, data, tmp_path, runtime)
@@ -116,6 +135,10 @@ def test_demo_smoke_pipeline_writes_the_report(tmp_path, smoke_data, capsys):
     assert clip[clip.index("--superclip-lambda") + 1] == "0"
     assert "Class_loss" in (runs / "superclip/out.log").read_text()
     assert "Class_loss" not in (runs / "clip/out.log").read_text()
+    # same towers, same initialisation, same first batch: the first step's contrastive loss is the same
+    first = [json.loads((runs / name / "result.json").read_text())["losses"][0] for name in ("clip", "superclip")]
+    assert first[0]["step"] == first[1]["step"] == 1
+    assert first[0]["contrastive_loss"] == first[1]["contrastive_loss"]
 
     readme = (out / "README.md").read_text()
     assert "| eval set | metric | chance | CLIP | SuperCLIP |" in readme
@@ -135,7 +158,7 @@ def test_demo_smoke_pipeline_writes_the_report(tmp_path, smoke_data, capsys):
     assert logged and logged[-1]["step"] == result["epochs"][-1]["step"] == summary["steps"]
     ranking = (out / "word_ranking.csv").read_text().splitlines()
     assert ranking[0].startswith("word,rank_1,score_1,rank_2,score_2")
-    assert len(ranking) - 1 == len(demo.word_list(demo.ensure_data(smoke_data, demo.SMOKE_DATA)))
+    assert len(ranking) - 1 == len(demo.word_list(_data(smoke_data)))
     assert not list(tmp_path.glob("report.tmp-*"))  # the report was built aside and renamed
 
 
@@ -150,6 +173,7 @@ def test_experiment_cell_runs_resumes_and_is_skipped_when_finished(tmp_path, smo
     assert [e["step"] for e in result["epochs"]] == [2, 4]
     for entry in result["epochs"]:
         assert 0 <= entry["metrics"]["emoji_skintone"]["acc1"] <= 1
+    first_retrieval = result["epochs"][1]["metrics"]["emoji_retrieval"]
     assert sorted(p.name for p in (cell / "checkpoints").iterdir()) == ["epoch_2.pt"]  # ... then only the last kept
     assert "1 of 21 cells finished" in capsys.readouterr().out
     assert "| superclip-b8-s0 | SuperCLIP | 8 | 0 | finished |" in (out / "README.md").read_text()
@@ -161,20 +185,25 @@ def test_experiment_cell_runs_resumes_and_is_skipped_when_finished(tmp_path, smo
     assert "superclip-b8-s0: finished earlier" in capsys.readouterr().out
     assert (cell / "trainer.log").read_text() == trainer_log
 
-    # interrupted after epoch 1 (what the trainer leaves: epoch_latest.pt at epoch 1, no result): it resumes
+    # interrupted after epoch 1 (what the trainer leaves: epoch_latest.pt at epoch 1, no result), with one
+    # evaluation of epoch 2 already written (e.g. from an earlier attempt): it resumes and redoes only what is missing
     state = torch.load(cell / "checkpoints/epoch_2.pt", map_location="cpu", weights_only=False)
     state["epoch"] = 1
     torch.save(state, cell / "checkpoints/epoch_latest.pt")
+    (cell / "eval/emoji_gender_epoch_2.pt.json").write_text('{"metrics": {"acc1"')  # cut short: redone
     for path in [cell / "result.json", cell / "trained.json", cell / "checkpoints/epoch_2.pt",
-                 *cell.glob("eval/*_epoch_2.pt.json")]:
+                 *cell.glob("eval/emoji_heldout_epoch_2.pt.json")]:
         path.unlink()
     out_log_before = (cell / "out.log").read_text()
     assert _main(*args, "--cell", "superclip-b8-s0") == 0
     assert "superclip-b8-s0: resuming" in capsys.readouterr().out
     resumed = (cell / "out.log").read_text()[len(out_log_before):]
     assert "Start epoch 1" in resumed and "Start epoch 0" not in resumed
-    assert json.loads((cell / "result.json").read_text())["epochs"][1]["metrics"]["emoji_heldout"]["acc1"] >= 0
-    for task in ("zeroshot_classification", "zeroshot_retrieval"):  # only the missing epoch is evaluated again
-        calls = [chunk.split("\n")[0] for chunk in (cell / f"eval-{task}.log").read_text().split("\n$ ")[1:]]
-        assert len(calls) == 2 and "epoch_1.pt" in calls[0] and "epoch_2.pt" in calls[0]
-        assert "epoch_2.pt" in calls[1] and "epoch_1.pt" not in calls[1]
+    result = json.loads((cell / "result.json").read_text())
+    assert result["epochs"][1]["metrics"]["emoji_gender"]["acc1"] >= 0
+    assert result["epochs"][1]["metrics"]["emoji_retrieval"] == first_retrieval  # kept, not evaluated again
+    log = (cell / "eval-zeroshot_classification.log").read_text()
+    calls = [chunk.split("\n")[0] for chunk in log.split("\n$ ")[1:]]
+    assert len(calls) == 2 and "epoch_1.pt" in calls[0] and "epoch_2.pt" in calls[0]
+    assert "epoch_2.pt" in calls[1] and "epoch_1.pt" not in calls[1]
+    assert (cell / "eval-zeroshot_retrieval.log").read_text().count("\n$ ") == 1

@@ -2,12 +2,13 @@
 `superclip demo --experiment` (`make experiment`): seeds x methods x batch sizes, resumable one cell at a time.
 
 Every stage runs the tools a user would type, as subprocesses: the OpenMoji data (`superclip demo-data`), the
-stock trainer (`python -m training.main`, i.e. open_clip_train with our flags), the real `clip_benchmark eval`
-console script and `superclip words`. So the demo checks the plugin end to end, not our own code paths only.
+stock trainer (`python -m training.main`, i.e. open_clip_train with our flags, on the data in its CSV layout), the
+real `clip_benchmark eval` console script and `superclip words`. So the demo checks the plugin end to end, not our
+own code paths only.
 
 The two demo runs differ only in the flag under test: `--model SuperCLIP-ViT-Tiny --superclip-lambda 0` is plain
 CLIP (same towers, same initialisation: the factory draws the head after the towers), `--superclip-lambda 1` is
-SuperCLIP. Seed, data order, batch, steps and schedule are the same.
+SuperCLIP. Seed, data order (see training_csv), batch, steps and schedule are the same.
 
 A run ("cell") lives in RUNS/NAME: the trainer's own folder (out.log, params.txt, checkpoints/) plus cell.json
 (the exact command; a different command starts the cell over), eval/ (clip_benchmark's JSON per dataset and
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fnmatch
+import hashlib
 import io
 import json
 import math
@@ -73,7 +75,7 @@ class Schedule:
     lr: float = 1e-3
     wd: float = 0.1
     warmup: float = 0.05  # share of the total steps
-    samples_per_epoch: Optional[int] = None  # None: one pass over the training shards
+    samples_per_epoch: Optional[int] = None  # None: all training samples; N: the first N of them
     save_every: int = 0  # also evaluate every N epochs (0: the last epoch only)
 
 
@@ -164,10 +166,7 @@ def get_mode(experiment: bool, smoke: bool) -> Mode:
 class Data:
     root: Path
     manifest: dict
-
-    @property
-    def train_data(self) -> str:
-        return self.manifest["train"]["train_data"]
+    csv: dict = field(default_factory=dict)  # samples per epoch (None: all) -> training CSV
 
     @property
     def num_train(self) -> int:
@@ -185,10 +184,55 @@ class Data:
         return {"root": str(self.root), "settings": self.manifest["settings"], "versions": self.manifest["versions"]}
 
 
-def ensure_data(folder: Path, settings: dict) -> Data:
+def ensure_data(folder: Path, settings: dict, subsets=(None,)) -> Data:
+    """The demo data (built or found up to date) and its training CSVs: all samples, and the first N for each N
+    in subsets."""
     from .demo_data import build
-    manifest = build(folder, **settings)
-    return Data(folder.absolute(), manifest)
+    data = Data(Path(folder).absolute(), build(folder, **settings))
+    data.csv = {rows: training_csv(data, rows) for rows in subsets}
+    return data
+
+
+def training_csv(data: Data, rows: Optional[int]) -> Path:
+    """The training shards in open_clip's CSV layout (one PNG per sample, a tab-separated filepath/title table),
+    in DATA-csv/ beside the data; rows: only the first N samples (they are in random order already).
+
+    Why not the shards: open_clip's webdataset loader shuffles samples with webdataset's shuffle seeded from the
+    process id and the clock, so no two runs see the same order. Its CSV loader draws the order from --seed: the
+    CLIP and SuperCLIP runs then get the same batches in the same order, and a rerun repeats a run exactly.
+    """
+    import csv
+    import tarfile
+    folder = data.root.parent / f"{data.root.name}-csv"
+    manifest = json.dumps(data.manifest, sort_keys=True).encode()
+    source = json.dumps({"manifest_sha256": hashlib.sha256(manifest).hexdigest()})
+    if not (folder / "source.json").is_file() or (folder / "source.json").read_text(encoding="utf-8") != source:
+        with staging_dir(folder) as staging:
+            (staging / "images").mkdir()
+            table = io.StringIO()
+            writer = csv.writer(table, delimiter="\t", lineterminator="\n")
+            writer.writerow(["filepath", "title"])
+            shards = json.loads((data.root / "train" / "sizes.json").read_text(encoding="utf-8"))
+            for shard in sorted(shards):
+                samples = {}
+                with tarfile.open(data.root / "train" / shard) as tar:
+                    for member in tar.getmembers():
+                        key, _, extension = member.name.partition(".")
+                        if extension in ("png", "txt"):
+                            samples.setdefault(key, {})[extension] = tar.extractfile(member).read()
+                for key in sorted(samples):
+                    image = folder / "images" / f"{key}.png"
+                    (staging / "images" / image.name).write_bytes(samples[key]["png"])
+                    writer.writerow([str(image), samples[key]["txt"].decode("utf-8")])
+            (staging / "train.csv").write_text(table.getvalue(), encoding="utf-8")
+            (staging / "source.json").write_text(source, encoding="utf-8")
+    if rows is None:
+        return folder / "train.csv"
+    subset = folder / f"train-{rows}.csv"
+    if not subset.is_file():
+        lines = (folder / "train.csv").read_text(encoding="utf-8").splitlines(keepends=True)[:rows + 1]
+        _atomic_write_bytes(subset, lambda f: f.write("".join(lines).encode("utf-8")))
+    return subset
 
 
 def chance_level(data: Data, dataset: str, metric: str) -> float:
@@ -306,22 +350,18 @@ class Runtime:
         return max(1, self.cores // self.jobs)
 
 
-def steps_per_epoch(cell: Cell, data: Data, workers: int) -> int:
-    """open_clip's count for webdataset: ceil(samples / batch), rounded up to a multiple of the workers."""
-    samples = cell.schedule.samples_per_epoch or data.num_train
-    return math.ceil(math.ceil(samples / cell.schedule.batch_size) / max(1, workers)) * max(1, workers)
+def steps_per_epoch(cell: Cell, data: Data) -> int:
+    """open_clip's CSV loader drops the last partial batch."""
+    return (cell.schedule.samples_per_epoch or data.num_train) // cell.schedule.batch_size
 
 
 def trainer_argv(cell: Cell, data: Data, runs: Path, runtime: Runtime) -> list[str]:
     s, method = cell.schedule, METHODS[cell.method]
-    total = steps_per_epoch(cell, data, runtime.workers) * s.epochs
+    total = steps_per_epoch(cell, data) * s.epochs
     argv = [sys.executable, "-m", "training.main", "--model", MODEL, "--superclip-lambda", f"{method.lam:g}"]
     if method.idf:
         argv += ["--superclip-idf", method.idf]
-    argv += ["--train-data", data.train_data, "--dataset-type", "webdataset"]
-    if s.samples_per_epoch:
-        argv += ["--train-num-samples", str(s.samples_per_epoch)]
-    argv += ["--batch-size", str(s.batch_size), "--epochs", str(s.epochs), "--lr", f"{s.lr:g}", "--wd", f"{s.wd:g}",
+    argv += ["--train-data", str(data.csv[s.samples_per_epoch]), "--dataset-type", "csv", "--batch-size", str(s.batch_size), "--epochs", str(s.epochs), "--lr", f"{s.lr:g}", "--wd", f"{s.wd:g}",
              "--warmup", str(max(1, round(s.warmup * total))), "--seed", str(cell.seed),
              "--workers", str(runtime.workers), "--precision", runtime.precision, "--device", runtime.device,
              "--logs-dir", str(runs), "--name", cell.name, "--save-frequency", str(s.save_every),
@@ -489,7 +529,7 @@ class CellRun:
     def finish(self, train_seconds: float, eval_seconds: float) -> dict:
         """Writes result.json (the cell is finished from then on) and drops checkpoints no longer needed."""
         schedule = self.cell.schedule
-        per_epoch = steps_per_epoch(self.cell, self.data, self.runtime.workers)
+        per_epoch = steps_per_epoch(self.cell, self.data)
         losses = parse_train_log(self.dir / "out.log", schedule.batch_size)
         datasets = [name.split("/", 1)[1] for name in self.data.manifest["eval"]]
         result = {
@@ -512,7 +552,7 @@ class CellRun:
         return json.loads(self.result_path.read_text(encoding="utf-8"))
 
     def total_steps(self) -> int:
-        return steps_per_epoch(self.cell, self.data, self.runtime.workers) * self.cell.schedule.epochs
+        return steps_per_epoch(self.cell, self.data) * self.cell.schedule.epochs
 
     def train_stage(self, state: str, bars: "Bars") -> float:
         """train() with its progress bar and messages; state is what prepare() returned."""
@@ -1055,6 +1095,10 @@ def run_cells(cell_runs: list[CellRun], runtime: Runtime, retrain: bool, on_fini
     run_parallel(cell_runs, one, runtime.jobs, runtime.processes)
 
 
+def mode_subsets(mode: Mode) -> set:
+    return {cell.schedule.samples_per_epoch for cell in mode.cells}
+
+
 def select_cells(mode: Mode, patterns: list[str]) -> list[Cell]:
     if not patterns:
         return list(mode.cells)
@@ -1071,7 +1115,7 @@ def run_demo(args, mode: Mode, runtime: Runtime) -> int:
     runs_dir = Path(args.runs or mode.runs).absolute()
     out = Path(args.out or mode.report).absolute()
     with stages("data: OpenMoji images + CLDR names (superclip demo-data)"):
-        data = ensure_data(Path(args.data or mode.data_dir), mode.data)
+        data = ensure_data(Path(args.data or mode.data_dir), mode.data, mode_subsets(mode))
         print(f"    {data.root}: {data.num_train} training samples; eval sets {', '.join(data.manifest['eval'])}",
               flush=True)
     runs = {cell.name: CellRun(cell, data, runs_dir, runtime) for cell in mode.cells}
@@ -1098,7 +1142,7 @@ def run_demo(args, mode: Mode, runtime: Runtime) -> int:
 
 def run_experiment(args, mode: Mode, runtime: Runtime) -> int:
     selected = select_cells(mode, args.cell)
-    data = ensure_data(Path(args.data or mode.data_dir), mode.data)
+    data = ensure_data(Path(args.data or mode.data_dir), mode.data, mode_subsets(mode))
     runs_dir = Path(args.runs or mode.runs).absolute()
     out = Path(args.out or mode.report).absolute()
     all_runs = [CellRun(cell, data, runs_dir, runtime) for cell in mode.cells]

@@ -58,8 +58,8 @@ class IDFCounts:
         """IDF weights log((N + 1) / (df + 1)) in float64, the same formula as the online loss."""
         import torch
 
-        n = torch.tensor(float(self.num_captions) + 1.0, dtype=torch.float64)
-        return torch.log(n / (self.doc_freq.to(torch.float64) + 1.0))
+        from .idf import idf_weights
+        return idf_weights(self.doc_freq, torch.tensor(float(self.num_captions), dtype=torch.float64))
 
 
 def _atomic_write_bytes(path: str, write: Callable[[io.BufferedWriter], None]) -> None:

@@ -63,7 +63,8 @@ def wrap_loss(args, contrastive_loss):
         class_loss_weight=args.superclip_lambda,
         idf=args.superclip_idf if args.superclip_idf in ("online", "none") else "online",
         statistics=_model.class_idf,
-        idf_weights=_fixed_idf_weights(args.superclip_idf, cfg.vocab_size),
+        idf_weights=None if args.superclip_idf in ("online", "none") else load_fixed_idf_weights(
+            args.superclip_idf, args.model),
         vocab_size=cfg.vocab_size,
         sot_token_id=cfg.sot_token_id,
         eot_token_id=cfg.eot_token_id,
@@ -75,12 +76,15 @@ def wrap_loss(args, contrastive_loss):
     return loss
 
 
-def _fixed_idf_weights(idf: str, vocab_size: int):
-    if idf in ("online", "none"):
-        return None
-    from open_clip_superclip.idf_build import load_idf_counts
-    counts = load_idf_counts(idf)
-    if counts.vocab_size != vocab_size:
-        raise ValueError(f"{idf}: IDF counts are for a vocabulary of {counts.vocab_size} tokens, the model "
-                         f"classifies {vocab_size}")
+def load_fixed_idf_weights(path: str, model_name: str) -> torch.Tensor:
+    """float64 [V] weights log((N+1)/(df+1)) from a `superclip idf` file; ValueError if it does not fit the
+    model's vocabulary or tokenizer (checked when arguments are parsed, before anything is built)."""
+    import open_clip
+    from open_clip_superclip.idf_build import load_idf_counts, tokenizer_identity
+    from open_clip_superclip.model import SuperCLIPCfg
+    from open_clip_superclip.registry import superclip_config
+    config = superclip_config(model_name) or {}
+    vocab_size = SuperCLIPCfg(**(config.get("superclip_cfg") or {})).vocab_size
+    counts = load_idf_counts(path, vocab_size=vocab_size,
+                             tokenizer=tokenizer_identity(open_clip.get_tokenizer(model_name)))
     return torch.as_tensor(counts.weights(), dtype=torch.float64)

@@ -55,6 +55,12 @@ def finalize_superclip_args(parser: argparse.ArgumentParser, args: argparse.Name
     if idf is not None and idf not in IDF_MODES and not os.path.exists(idf):
         parser.error(f"--superclip-idf must be one of {', '.join(IDF_MODES)} or an existing IDF counts file "
                      f"(written by `superclip idf`), got {idf!r}")
+    if idf is not None and idf not in IDF_MODES:
+        from training_ext.hooks import load_fixed_idf_weights
+        try:
+            load_fixed_idf_weights(idf, args.model)
+        except ValueError as error:
+            parser.error(f"--superclip-idf: {error}")
     if args.superclip_max_bad_steps is not None and args.superclip_max_bad_steps < -1:
         parser.error(f"--superclip-max-bad-steps must be >= -1 (-1: guard off), got {args.superclip_max_bad_steps}")
 
