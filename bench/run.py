@@ -2,7 +2,7 @@
 
 1. training step time SuperCLIP / CLIP, same towers and batch (fp32 and amp_bf16);
 2. class-loss peak memory chunked / dense at B=1024, V=49408 (CUDA: max_memory_allocated; CPU: the peak of the
-   CPU allocator's running total, rebuilt in time order from torch.profiler's per-op allocations and frees);
+   CPU allocator's total in torch.profiler's allocation/free timeline, minus its starting level);
 3. class-loss forward+backward time chunked / dense;
 4. the IDF builder against the naive tokenizer loop (bench/bench_idf.py).
 """
@@ -130,14 +130,12 @@ def class_loss_peak_memory(impl, batch, width, device, autocast_dtype=None):
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    from torch.profiler._memory_profiler import MemoryProfileTimeline
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
         _class_loss_step(impl, head, features, tokens, loss, autocast_dtype)
-    # each op's own allocations net of its own frees, plus frees outside any op ("[memory]" events), in time order
-    running = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        running += event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
-        peak = max(peak, running)
-    return peak
+    # the profiler's allocation/free timeline of the CPU allocator (a private but documented-in-code API)
+    _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(torch.device("cpu"))
+    return max(sum(categories) for categories in sizes) - min(sum(categories) for categories in sizes)
 
 
 def class_loss_time(batch, width, device, repeats, warmup, autocast_dtype=None):
@@ -175,6 +173,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--class-batch", type=int, default=1024)
     parser.add_argument("--idf-captions", type=int, default=200_000, help="0 skips the IDF builder benchmark")
+    parser.add_argument("--sections", default="step,class-loss,idf", help="comma list of what to measure")
     parser.add_argument("--output", default=str(REPO / "docs" / "benchmarks.md"))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -184,15 +183,17 @@ def main(argv=None):
     repeats = args.repeats or (20 if on_cuda else 3)
     width = open_clip.get_model_config(args.model)["vision_cfg"]["width"]
 
+    sections = set(args.sections.split(","))
     rows = []
-    for precision in precisions:
+    for precision in precisions if "step" in sections else ():
         ratio, medians = step_time_ratio(args.model, batch, precision, device, repeats, warmup=2 if on_cuda else 1)
         rows.append((f"step time SuperCLIP / CLIP ({args.model}, batch {batch}, {precision})",
                      f"{ratio:.4f}  ({medians['SuperCLIP']:.3f} s / {medians['CLIP']:.3f} s)"))
         print(rows[-1], flush=True)
     # the class loss alone, in fp32 and in the precision a training run uses on this device
     head_grad_mib = (49408 * width + 49408) * 4 / 2**20
-    for label, dtype in (("fp32", None), ("amp_bf16", torch.bfloat16)) if on_cuda else (("fp32", None),):
+    class_loss_precisions = (("fp32", None), ("amp_bf16", torch.bfloat16)) if on_cuda else (("fp32", None),)
+    for label, dtype in class_loss_precisions if "class-loss" in sections else ():
         memory = {impl: class_loss_peak_memory(impl, args.class_batch, width, device, dtype)
                   for impl in ("dense", "chunked")}
         extra = {impl: memory[impl] / 2**20 - head_grad_mib for impl in memory}
@@ -206,7 +207,7 @@ def main(argv=None):
                      f"{times['chunked'] / times['dense']:.4f}  ({times['chunked'] * 1e3:.1f} ms / "
                      f"{times['dense'] * 1e3:.1f} ms)"))
         print(rows[-1], flush=True)
-    if args.idf_captions:
+    if args.idf_captions and "idf" in sections:
         rows.extend(idf_rows(args.idf_captions))
 
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
