@@ -94,7 +94,7 @@ def step_time_ratio(model_name, batch, precision, device, repeats, warmup):
         return run
 
     medians = _interleaved_medians({k: step(k) for k in models}, device, repeats, warmup)
-    del superclip, clip, optimizers
+
     return medians["SuperCLIP"] / medians["CLIP"], medians
 
 

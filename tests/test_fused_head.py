@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from open_clip_superclip.fused_head import dense_head_logsumexp, fused_head_logsumexp

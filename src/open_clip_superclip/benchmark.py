@@ -39,8 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from .atomic import write_atomically
 from .checkpoint import SCHEMA_PREFIXES, read_run_settings, superclip_counterpart
-from .idf_build import _atomic_write_bytes
 
 TASKS = ("zeroshot_classification", "zeroshot_retrieval")
 LOG_NAME = "clip_benchmark.log"  # one per model, under OUT/runs/N-LABEL/
@@ -231,7 +231,7 @@ def clip_benchmark_argv(run: Run, options) -> list[str]:
 
 def _write_status(run_status: Path, error: Optional[str], seconds: float = 0.0):
     data = json.dumps({"error": error, "seconds": round(seconds, 3)}).encode()
-    _atomic_write_bytes(run_status, lambda f: f.write(data))
+    write_atomically(run_status, lambda f: f.write(data))
 
 
 def _progress(text: str):
@@ -337,7 +337,7 @@ def write_tables(rows: list[dict], out: Path) -> None:
     writer.writeheader()
     writer.writerows(rows)
     data = buffer.getvalue().encode()
-    _atomic_write_bytes(out / "results.csv", lambda f: f.write(data))
+    write_atomically(out / "results.csv", lambda f: f.write(data))
 
     def cell(text) -> str:
         return str(text).replace("|", "\\|").replace("\n", " ")
@@ -347,7 +347,7 @@ def write_tables(rows: list[dict], out: Path) -> None:
         lines.append("| " + " | ".join(cell(_format_value(row[k]) if k == "value" else row[k])
                                        for k in TABLE_FIELDS) + " |")
     text = ("\n".join(lines) + "\n").encode()
-    _atomic_write_bytes(out / "results.md", lambda f: f.write(text))
+    write_atomically(out / "results.md", lambda f: f.write(text))
 
 
 def plot_results(rows: list[dict], path: Path) -> None:
@@ -382,7 +382,7 @@ def plot_results(rows: list[dict], path: Path) -> None:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120)
     data = buffer.getvalue()
-    _atomic_write_bytes(path, lambda f: f.write(data))
+    write_atomically(path, lambda f: f.write(data))
 
 
 # ------------------------------------------------------------------------------------------------------ CLI

@@ -11,14 +11,12 @@ import argparse
 import ast
 import contextlib
 import json
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .idf_build import _atomic_write_bytes
-from .make_wds import is_nonempty_dir, staging_dir
+from .atomic import is_nonempty_dir, staging_dir, write_atomically
 from .model import to_stock_state_dict
 from .registry import list_superclip_models, superclip_config
 
@@ -208,13 +206,10 @@ def _save_state_dict(state_dict: dict, path: Path) -> None:
     if path.suffix == ".safetensors":
         from safetensors.torch import save
         data = save(state_dict)
-        _atomic_write_bytes(path, lambda f: f.write(data))
+        write_atomically(path, lambda f: f.write(data))
     else:
         import torch
-        _atomic_write_bytes(path, lambda f: torch.save(state_dict, f))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)  # the temp file was created 0600
+        write_atomically(path, lambda f: torch.save(state_dict, f))
 
 
 def export_main(argv=None) -> int:

@@ -17,11 +17,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import regex
 
+from .atomic import write_atomically
 from .idf_build import (
     CaptionKey,
     ReadStats,
     UnitFailure,
-    _atomic_write_bytes,
     _partial,
     clean_lower,
     expand_inputs,
@@ -337,10 +337,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sys.stdout.write(md)
     try:
         if args.md:
-            _atomic_write_bytes(args.md, lambda f: f.write(md.encode("utf-8")))
+            write_atomically(args.md, lambda f: f.write(md.encode("utf-8")))
         if args.csv:
             text = to_csv(res)
-            _atomic_write_bytes(args.csv, lambda f: f.write(text.encode("utf-8")))
+            write_atomically(args.csv, lambda f: f.write(text.encode("utf-8")))
     except OSError as e:
         print(f"superclip cooccur: error writing output: {e}", file=sys.stderr)
         return 1

@@ -37,9 +37,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
+from .atomic import staging_dir, write_atomically
 
-from .idf_build import _atomic_write_bytes
-from .make_wds import staging_dir
 
 MODEL = "SuperCLIP-ViT-Tiny"
 WORD_TEMPLATE = "an emoji of {}"
@@ -231,7 +230,7 @@ def training_csv(data: Data, rows: Optional[int]) -> Path:
     subset = folder / f"train-{rows}.csv"
     if not subset.is_file():
         lines = (folder / "train.csv").read_text(encoding="utf-8").splitlines(keepends=True)[:rows + 1]
-        _atomic_write_bytes(subset, lambda f: f.write("".join(lines).encode("utf-8")))
+        write_atomically(subset, lambda f: f.write("".join(lines).encode("utf-8")))
     return subset
 
 
@@ -361,7 +360,8 @@ def trainer_argv(cell: Cell, data: Data, runs: Path, runtime: Runtime) -> list[s
     argv = [sys.executable, "-m", "training.main", "--model", MODEL, "--superclip-lambda", f"{method.lam:g}"]
     if method.idf:
         argv += ["--superclip-idf", method.idf]
-    argv += ["--train-data", str(data.csv[s.samples_per_epoch]), "--dataset-type", "csv", "--batch-size", str(s.batch_size), "--epochs", str(s.epochs), "--lr", f"{s.lr:g}", "--wd", f"{s.wd:g}",
+    argv += ["--train-data", str(data.csv[s.samples_per_epoch]), "--dataset-type", "csv",
+             "--batch-size", str(s.batch_size), "--epochs", str(s.epochs), "--lr", f"{s.lr:g}", "--wd", f"{s.wd:g}",
              "--warmup", str(max(1, round(s.warmup * total))), "--seed", str(cell.seed),
              "--workers", str(runtime.workers), "--precision", runtime.precision, "--device", runtime.device,
              "--logs-dir", str(runs), "--name", cell.name, "--save-frequency", str(s.save_every),
@@ -443,7 +443,7 @@ class CellRun:
         if state == "new":
             self.dir.mkdir(parents=True, exist_ok=True)
             data = json.dumps(self.identity, indent=1).encode()
-            _atomic_write_bytes(self.dir / "cell.json", lambda f: f.write(data))
+            write_atomically(self.dir / "cell.json", lambda f: f.write(data))
         return state
 
     # stages --------------------------------------------------------------------------------------------
@@ -470,7 +470,7 @@ class CellRun:
         seconds = time.monotonic() - start
         (self.checkpoints / "epoch_latest.pt").unlink(missing_ok=True)  # the same state as the final epoch
         text = json.dumps({"seconds": round(seconds, 1)}).encode()
-        _atomic_write_bytes(trained, lambda f: f.write(text))
+        write_atomically(trained, lambda f: f.write(text))
         return seconds
 
     def _result_file(self, dataset: str, epoch: int) -> Path:
@@ -542,7 +542,7 @@ class CellRun:
             "trainer": self.argv[1:],
         }
         text = json.dumps(result, indent=1).encode()
-        _atomic_write_bytes(self.result_path, lambda f: f.write(text))
+        write_atomically(self.result_path, lambda f: f.write(text))
         for path in self.checkpoints.glob("epoch_*.pt"):  # evaluated: keep only the final weights
             if path.name != f"epoch_{schedule.epochs}.pt":
                 path.unlink()
@@ -682,7 +682,7 @@ def run_words(runs: Path, clip: CellRun, superclip: CellRun, data: Data, runtime
     folder = runs / "words"
     folder.mkdir(parents=True, exist_ok=True)
     words = "\n".join(word_list(data)) + "\n"
-    _atomic_write_bytes(folder / "words.txt", lambda f: f.write(words.encode()))
+    write_atomically(folder / "words.txt", lambda f: f.write(words.encode()))
     argv = [sys.executable, "-m", "open_clip_superclip.words"]
     for run in (clip, superclip):  # relative paths (cwd = runs): the plot labels the models with them
         argv += ["--model", MODEL, "--pretrained", str(run.final_checkpoint().relative_to(runs))]
@@ -825,7 +825,7 @@ def _versions() -> str:
 
 
 def write_demo_report(out: Path, mode: Mode, data: Data, runs: dict, results: dict, words: Path, runtime: Runtime,
-                      stages: Stages, smoke: bool) -> None:
+                      stages: Stages, smoke: bool, reused: list) -> None:
     clip, superclip = results["clip"], results["superclip"]
     table, records = demo_table(data, clip, superclip)
     counts = data.manifest["counts"]
@@ -859,8 +859,8 @@ def write_demo_report(out: Path, mode: Mode, data: Data, runs: dict, results: di
         f"CLIP beats chance on {above} of {len(records)} metrics, by 2× or more on {twice}. Chance: k/C for top-k "
         f"over C classes, 1/C for mean per-class recall, k/N for image retrieval over N images, "
         f"1 − C(T−m, k)/C(T, k) for text retrieval (m = {len(data.manifest['caption_templates'])} right captions "
-        f"among T). One seed: differences of a point "
-        f"or two are within seed noise at this scale (`make experiment` measures it).",
+        f"among T). One seed: on the probes (a few hundred images) a few points are within run-to-run noise; "
+        f"`make experiment` measures it over seeds.",
         "",
         "![metrics](metrics.png)",
         "",
@@ -906,6 +906,8 @@ def write_demo_report(out: Path, mode: Mode, data: Data, runs: dict, results: di
         "",
         f"Versions: {_versions()}.",
         "",
+        *([f"Reused from an earlier run with the same commands: {', '.join(reused)} (their training and evaluation "
+           f"times are those of that run; `--retrain` trains again).", ""] if reused else []),
         "| stage | wall time | CPU time (all processes) |",
         "|---|---:|---:|",
         *timing_rows,
@@ -1133,7 +1135,8 @@ def run_demo(args, mode: Mode, runtime: Runtime) -> int:
     with stages("word-image similarity ranking (superclip words)"):
         words = run_words(runs_dir, runs["clip"], runs["superclip"], data, runtime)
     with stages(f"report -> {out}"):
-        write_demo_report(out, mode, data, runs, results, words, runtime, stages, bool(args.smoke))
+        reused = [name for name, state in states.items() if state == "finished"]
+        write_demo_report(out, mode, data, runs, results, words, runtime, stages, bool(args.smoke), reused)
     table, _ = demo_table(data, results["clip"], results["superclip"])
     print(f"\n{table}\n\nreport: {out / 'README.md'} (total {_duration(time.monotonic() - stages.start)})",
           flush=True)

@@ -24,13 +24,13 @@ import os
 import re
 import struct
 import sys
-import tempfile
 import time
 import zipfile
 import zlib
 from typing import TYPE_CHECKING, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
+from .atomic import write_atomically
 
 if TYPE_CHECKING:
     import torch
@@ -62,34 +62,6 @@ class IDFCounts:
         return idf_weights(self.doc_freq, torch.tensor(float(self.num_captions), dtype=torch.float64))
 
 
-def _atomic_write_bytes(path: str, write: Callable[[io.BufferedWriter], None]) -> None:
-    """Write through a temp file in the target directory, fsync, then rename: no half-written file ever."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:  # make the rename itself durable; not possible on every platform
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-
-
 def save_idf_counts(
     path: str,
     doc_freq,
@@ -119,7 +91,7 @@ def save_idf_counts(
         "tokenizer": np.array(str(tokenizer)),
         "meta_json": np.array(json.dumps(meta or {}, sort_keys=True)),
     }
-    _atomic_write_bytes(path, lambda f: np.savez_compressed(f, **arrays))
+    write_atomically(path, lambda f: np.savez_compressed(f, **arrays))
 
 
 def _read_counts_file(path: str) -> Tuple[np.ndarray, int, int, str, dict]:

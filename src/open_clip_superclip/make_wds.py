@@ -17,11 +17,10 @@ import contextlib
 import csv
 import io
 import os
-import shutil
 import sys
-import tempfile
 import warnings
 from pathlib import Path
+from .atomic import is_nonempty_dir, staging_dir
 
 # Extensions clip_benchmark's wds loader decodes; anything else is re-encoded.
 NATIVE_EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
@@ -150,42 +149,6 @@ def write_retrieval(out_dir, items, *, split="test", image_format="auto", max_co
 
 
 # ----------------------------------------------------------------------------------- atomic output folders
-def _publish(staging: Path, out: Path):
-    """Moves a finished staging folder onto `out`, replacing what was there only once the new one is whole."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it 0700
-    if out.exists():
-        retired = Path(tempfile.mkdtemp(prefix=out.name + ".old-", dir=out.parent))
-        os.rename(out, retired / out.name)
-        os.rename(staging, out)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        os.rename(staging, out)
-
-
-@contextlib.contextmanager
-def staging_dir(out):
-    """Yields an empty folder beside `out`; on success it becomes `out`, on any error it is deleted.
-
-    So an interrupted build never leaves a half-written folder at `out` that looks complete.
-    """
-    out = Path(out).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    _publish(staging, out)
-
-
-def is_nonempty_dir(path) -> bool:
-    path = Path(path)
-    return path.is_dir() and any(path.iterdir())
-
-
 # --------------------------------------------------------------------------------------------------- CLI
 def _read_lines(path) -> list[str]:
     return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]

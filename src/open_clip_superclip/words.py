@@ -21,8 +21,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from .atomic import write_atomically
 
-from .idf_build import _atomic_write_bytes
 
 DEFAULT_TEMPLATE = "a photo of {}"
 # "Whole-word" vocabulary entries: CLIP BPE tokens that end a word ('</w>') and are ASCII lowercase letters only.
@@ -409,9 +409,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     sys.stdout.write(format_report(words, rankings, args.template, args.top))
     text = ranking_csv(words, rankings)
-    _atomic_write_bytes(args.csv, lambda f: f.write(text.encode("utf-8")))
+    write_atomically(args.csv, lambda f: f.write(text.encode("utf-8")))
     image = ranking_png(words, rankings)
-    _atomic_write_bytes(args.png, lambda f: f.write(image))
+    write_atomically(args.png, lambda f: f.write(image))
     print(f"wrote {args.csv} and {args.png}", file=sys.stderr)
     return 0
 
