@@ -84,7 +84,9 @@ class ClassificationAugmentedLoss(nn.Module):
         if self.idf == "none":
             return torch.ones_like(ids, dtype=torch.float64)
         if self.idf == "fixed":
-            return self.fixed_idf_weights.to(ids.device)[ids]
+            if self.fixed_idf_weights.device != ids.device:  # moved once, not copied every step
+                self.fixed_idf_weights = self.fixed_idf_weights.to(ids.device)
+            return self.fixed_idf_weights[ids]
         batch_df = batch_document_frequency(ids, present, self.vocab_size)
         batch_n = torch.full((1,), float(ids.shape[0]), dtype=torch.float64, device=ids.device)  # no H2D copy
         counts = _all_reduce_sum(torch.cat([batch_df, batch_n]))
