@@ -548,6 +548,7 @@ class _Growable:
         return self.a[: self.n]
 
 
+COUNT_BATCH = 8192  # captions per numpy pass of DocFreqCounter: amortises its fixed costs
 _SEP = "\x01"  # joins printable captions into one string; never inside a printable caption
 
 
@@ -655,7 +656,7 @@ class DocFreqCounter:
         n = 0
         it = iter(captions)
         while True:
-            batch = list(itertools.islice(it, 8192))
+            batch = list(itertools.islice(it, COUNT_BATCH))
             if not batch:
                 return n
             if self._mode == "words":
@@ -933,99 +934,212 @@ _TAR_NAMES = struct.Struct("100s157x6s82x155s")  # name, magic, prefix
 
 
 _OCT6 = 8 ** np.arange(5, -1, -1, dtype=np.int64)
+_OCT11 = 8 ** np.arange(10, -1, -1, dtype=np.int64)
+_USTAR = np.frombuffer(b"ustar\x00", dtype=np.uint8)
+_PAX_KEYS_THAT_MOVE_DATA = (b"path=", b"size=")
+_NAME_COLS = np.arange(100)
 
 
-def _tar_bulk(buf: bytes, pos: int, want: Optional[str], base: int):
-    """Parse a run of plain members (types '0' and 'x') lying wholly in buf, checksums in numpy.
+def split_member_name(name: str) -> Optional[Tuple[str, str]]:
+    """webdataset's (sample key, lower-case extension) of a member name; None for names it skips."""
+    slash = name.rfind("/")
+    dot = name.find(".", slash + 1)
+    if dot <= slash + 1 or (name[:2] == "__" and _META_RE.match(name)):
+        return None
+    return name[:dot], name[dot + 1 :].lower()
 
-    Why: the per-header Python loop costs microseconds; webdataset shards are long runs of
-    pax-headed regular files. The run stops before anything else (other types, unusual field
-    formats, a bad checksum, pax records that set path or size, a member not wholly in buf), which
-    the careful loop in iter_tar_members then handles, errors included. Returns (items, new pos).
+
+@dataclasses.dataclass
+class TarRun:
+    """Consecutive regular members of a tar stream (those with a sample key), in order."""
+
+    datas: List[bytes]  # data of the wanted members (of every member when nothing is asked for)
+    wanted: List[bool]  # per member
+    new_key: List[bool]  # per member: its key differs from the previous member's (entry 0: unknown here)
+    first_key: str
+    last_key: str
+    names: Callable[[], List[str]]  # member names, computed on demand (errors, iter_tar_members)
+
+    @classmethod
+    def one(cls, name: str, key: str, data: Optional[bytes]) -> "TarRun":
+        return cls([] if data is None else [data], [data is not None], [True], key, key, lambda: [name])
+
+
+def _ascii_names_in_bulk(names: np.ndarray, want: Optional[str]) -> Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(wanted, new key, first dot) per member from name fields [m, 100], in numpy; None: Python decides.
+
+    Exact for ASCII names that all have a sample key and an extension (webdataset's rule, see
+    split_member_name) and are not '__' meta names; the caller excludes NULs inside and ustar prefixes.
     """
-    end = len(buf)
-    hp: List[int] = []
-    sizes: List[int] = []
-    p = pos
-    while p + 512 <= end:
-        typ = buf[p + 156]
-        if typ != 0x30 and typ != 0x78:
-            break
-        try:
-            size = int(buf[p + 124 : p + 135], 8)
-        except ValueError:
-            break
-        nxt = p + 512 + ((size + 511) & ~511)
-        if nxt > end or buf[p + 135] not in (0, 32):
-            break
-        hp.append(p)
-        sizes.append(size)
-        p = nxt
+    if not len(names) or (names >= 128).any() or ((names[:, 0] == 95) & (names[:, 1] == 95)).any():
+        return None
+    width = names.shape[1]
+    cols = _NAME_COLS[:width]
+    slash = names == 47
+    last_slash = np.where(slash.any(axis=1), width - 1 - np.argmax(slash[:, ::-1], axis=1), -1)
+    dots = (names == 46) & (cols > last_slash[:, None])
+    first_dot = np.argmax(dots, axis=1)
+    if not (dots.any(axis=1) & (first_dot > last_slash + 1)).all():
+        return None
+    if want is None:
+        wanted = np.ones(len(names), dtype=bool)
+    elif not want.isascii():
+        wanted = np.zeros(len(names), dtype=bool)
+    else:
+        w = np.frombuffer(want.encode("ascii"), dtype=np.uint8)
+        at = np.minimum(first_dot[:, None] + 1 + np.arange(len(w) + 1), width - 1)
+        ext = np.take_along_axis(names, at, axis=1)
+        ext = ext + 32 * ((ext >= 65) & (ext <= 90))  # ASCII lower(); want is lower case
+        ends_there = (first_dot + 1 + len(w) >= width) | (ext[:, -1] == 0)  # columns past width are NUL
+        wanted = (ext[:, :-1] == w).all(axis=1) & ends_there
+    same = np.zeros(len(names), dtype=bool)
+    same[1:] = (first_dot[1:] == first_dot[:-1]) & (
+        (names[1:] == names[:-1]) | (cols >= first_dot[1:, None])).all(axis=1)
+    return wanted, ~same, first_dot
+
+
+def _tar_bulk(buf: bytes, pos: int, want: Optional[str]) -> Optional[Tuple[TarRun, int]]:
+    """Parse a run of plain members (types '0' and 'x') lying wholly in buf[pos:], in numpy.
+
+    Why: a Python loop over headers costs microseconds a member, and text-only webdataset shards
+    hold a pax-headed member every 1 KB. Every block that could be a header gets its size parsed
+    at once, so walking the chain is one list lookup a header; checksums, field formats, pax
+    records and names are then handled for the whole run. The run stops before anything else
+    (other types, unusual field formats, a bad checksum, pax records that could set path or size,
+    a member not wholly in buf), which the careful loop in _iter_tar_runs then handles, errors
+    included. Returns (run, new pos) or None.
+    """
+    nb = (len(buf) - pos) // 512
+    if nb < 32:
+        return None
+    blocks = np.frombuffer(buf, dtype=np.uint8, count=nb * 512, offset=pos).reshape(nb, 512)
+    typ = blocks[:, 156]
+    cand = np.flatnonzero((typ == 0x30) | (typ == 0x78))
+    field = np.take(blocks[:, 124:136], cand, axis=0).astype(np.int64)
+    digits = field[:, :11] - 48
+    ok = ((digits >= 0) & (digits <= 7)).all(axis=1) & ((field[:, 11] == 0) | (field[:, 11] == 32))
+    nxt = np.full(nb + 1, -1, dtype=np.int64)
+    good_cand = cand[ok]
+    nxt[good_cand] = good_cand + 1 + (digits[ok] @ _OCT11 + 511) // 512
+    linked = good_cand[nxt[good_cand] <= nb]
+    if len(linked) and linked[0] == 0 and (nxt[linked[:-1]] == linked[1:]).all():
+        hp = linked  # the usual case: the candidates are exactly the chain of headers from block 0
+    else:  # data that looks like a header: walk the chain (one list lookup a header)
+        nxt_list = nxt.tolist()
+        chain: List[int] = []
+        i = 0
+        while 0 <= (j := nxt_list[i]) <= nb:  # nxt_list[nb] is -1: the walk ends at the buffer's end
+            chain.append(i)
+            i = j
+        hp = np.asarray(chain, dtype=np.int64)
     if len(hp) < 16:
-        return [], pos
-    if pos % 512:  # members are 512-aligned in the stream and buf starts on a block boundary
-        return [], pos
-    blocks = np.frombuffer(buf, dtype=np.uint8, count=end - end % 512).reshape(-1, 512)
-    heads = blocks[np.asarray(hp, dtype=np.int64) // 512]
+        return None
+    heads = np.take(blocks, hp, axis=0)
+    sizes = (heads[:, 124:135].astype(np.int64) - 48) @ _OCT11
     chk = heads[:, 148:156].astype(np.int64)
-    digits = chk[:, :6] - 48
-    fmt_ok = (chk[:, 6] == 0) & (chk[:, 7] == 32) & (digits >= 0).all(1) & (digits <= 7).all(1)
-    stored = digits @ _OCT6
-    total = heads.sum(axis=1, dtype=np.int64) - chk.sum(axis=1) + 256
-    good = fmt_ok & (total == stored)
+    chk_digits = chk[:, :6] - 48
+    fmt_ok = (chk[:, 6] == 0) & (chk[:, 7] == 32) & ((chk_digits >= 0) & (chk_digits <= 7)).all(axis=1)
+    total = heads.sum(axis=1, dtype=np.uint32).astype(np.int64) - chk.sum(axis=1) + 256
+    good = fmt_ok & (total == chk_digits @ _OCT6)
     n = len(hp) if good.all() else int(np.argmin(good))
     typs = heads[:n, 156]
-    pax_rows = np.flatnonzero(typs == 0x78).tolist()
-    for r in pax_rows:
-        a = hp[r] + 512
-        data = buf[a : a + sizes[r]]
-        if b"path=" in data or b"size=" in data:
-            n = r
-            break
+    pax = np.flatnonzero(typs == 0x78)
+    if len(pax):  # a pax record that could name a path or size: the careful loop takes it from there
+        widest = int(sizes[pax].max())
+        if widest < min(map(len, _PAX_KEYS_THAT_MOVE_DATA)):
+            suspect = []
+        elif widest > 512:
+            at = (pos + (hp[pax] + 1) * 512).tolist()
+            suspect = [r for r, a, k in zip(pax.tolist(), at, sizes[pax].tolist())
+                       if any(needle in buf[a : a + k] for needle in _PAX_KEYS_THAT_MOVE_DATA)]
+        else:
+            data = np.take(blocks[:, :widest], hp[pax] + 1, axis=0)
+            hit = np.zeros(len(pax), dtype=bool)
+            limit = sizes[pax][:, None]
+            for needle in _PAX_KEYS_THAT_MOVE_DATA:
+                k = len(needle)
+                if widest < k:
+                    continue
+                match = np.ones((len(pax), widest - k + 1), dtype=bool)
+                for t, byte in enumerate(needle):
+                    match &= data[:, t : widest - k + 1 + t] == byte
+                hit |= (match & (np.arange(widest - k + 1) <= limit - k)).any(axis=1)
+            suspect = pax[hit].tolist()
+        if suspect:
+            n = min(n, suspect[0])
     while n and typs[n - 1] == 0x78:  # a pax header belongs with its member: leave both
         n -= 1
     if n < 1:
-        return [], pos
-    items = []
-    is_file = (typs[:n] == 0x30).tolist()
-    ustar = (heads[:n, 257:263] == np.frombuffer(b"ustar\x00", dtype=np.uint8)).all(1) & (heads[:n, 345] != 0)
-    ustar = ustar.tolist()
-    for r in range(n):
-        if not is_file[r]:
-            continue
-        p = hp[r]
-        raw = buf[p : p + 100]
-        i = raw.find(0)
-        name = (raw if i < 0 else raw[:i]).decode("utf-8", "surrogateescape")
-        if ustar[r]:
-            pre = buf[p + 345 : p + 500]
-            j = pre.find(0)
-            name = (pre if j < 0 else pre[:j]).decode("utf-8", "surrogateescape") + "/" + name
-        slash = name.rfind("/")
-        dot = name.find(".", slash + 1)
-        if dot <= slash + 1 or (name[:2] == "__" and _META_RE.match(name)):
-            continue
-        ext = name[dot + 1 :].lower()
-        data = buf[p + 512 : p + 512 + sizes[r]] if want is None or ext == want else None
-        items.append((name, name[:dot], ext, data))
-    return items, hp[n - 1] + 512 + ((sizes[n - 1] + 511) & ~511)
+        return None
+    rows = np.flatnonzero(typs[:n] == 0x30)
+    if not len(rows):
+        return None
+    member = heads[rows]
+    name_field = member[:, :100]
+    zero = name_field == 0
+    nul_inside = (zero[:, :-1] & ~zero[:, 1:]).any(axis=1)
+    prefixed = (member[:, 257:263] == _USTAR).all(axis=1) & (member[:, 345] != 0)
+    starts = pos + (hp[rows] + 1) * 512
+    lens = sizes[rows]
+
+    def all_names() -> List[str]:
+        raw = np.ascontiguousarray(name_field).view("S100").ravel().tolist()  # trailing NULs dropped
+        for r in np.flatnonzero(nul_inside).tolist():
+            raw[r] = raw[r].split(b"\0", 1)[0]
+        for r in np.flatnonzero(prefixed).tolist():
+            raw[r] = bytes(member[r, 345:500]).split(b"\0", 1)[0] + b"/" + raw[r]
+        return [x.decode("utf-8", "surrogateescape") for x in raw]
+
+    used = np.flatnonzero(~zero.all(axis=0))
+    width = min(100, int(used[-1]) + 2) if len(used) else 1  # columns that hold names, and one NUL
+    fast = None if nul_inside.any() or prefixed.any() else _ascii_names_in_bulk(name_field[:, :width], want)
+    if fast is not None:
+        wanted, new_key, first_dot = fast
+        first_key, last_key = (bytes(name_field[r, : first_dot[r]]).decode("ascii") for r in (0, -1))
+        wanted_l, new_l, names = wanted.tolist(), new_key.tolist(), all_names
+    else:
+        named = all_names()
+        parts = [split_member_name(nm) for nm in named]
+        keep = [p is not None for p in parts]
+        if not any(keep):
+            return None
+        named = list(itertools.compress(named, keep))
+        parts = list(itertools.compress(parts, keep))
+        starts, lens = starts[keep], lens[keep]
+        keys = [p[0] for p in parts]
+        wanted_l = [want is None or p[1] == want for p in parts]
+        new_l = list(map(operator.ne, keys, [None, *keys[:-1]]))
+        first_key, last_key = keys[0], keys[-1]
+        names = named.copy
+    sel = np.asarray(wanted_l, dtype=bool)
+    datas = [buf[a : a + k] for a, k in zip(starts[sel].tolist(), lens[sel].tolist())]
+    return TarRun(datas, wanted_l, new_l, first_key, last_key, names), pos + int(nxt[hp[n - 1]]) * 512
 
 
 def iter_tar_members(
     f, want: Optional[str] = None, seekable: bool = False
 ) -> Iterator[Tuple[str, str, str, Optional[bytes]]]:
-    """Yield (name, sample key, extension, data) for the regular members of a tar stream.
+    """Yield (name, sample key, extension, data) for the regular members of a tar stream (see _iter_tar_runs)."""
+    for run in _iter_tar_runs(f, want, seekable):
+        datas = iter(run.datas)
+        for name, wanted in zip(run.names(), run.wanted):
+            yield (name, *split_member_name(name), bytes(next(datas)) if wanted else None)
+
+
+def _iter_tar_runs(f, want: Optional[str] = None, seekable: bool = False) -> Iterator[TarRun]:
+    """Yield the regular members of a tar stream as runs: parallel lists of names, keys, extensions, data.
 
     Keys and extensions follow webdataset (key = name up to the first dot of the base name,
     extension lower-cased; names without one and __meta__ names are skipped). Data is read only
     for extension `want` (all members when None), else None. A small strict reader instead of
     tarfile (which costs ~100 us a member here): it checks every header checksum, refuses
     truncation and a missing end-of-archive block, and handles ustar, pax and GNU long names.
-    Unwanted data is skipped by seek on local files, else read and dropped. The checksum is first
-    tested modulo 65521 with zlib.adler32 (C speed; corrupting fewer than 257 bytes always changes
-    it), then exactly, before an error is raised.
+    Long runs of plain members go through _tar_bulk; everything else through the loop below, a
+    member at a time. Unwanted data is skipped by seek on local files, else read and dropped. The
+    checksum is first tested modulo 65521 with zlib.adler32 (C speed; corrupting fewer than 257
+    bytes always changes it), then exactly, before an error is raised.
     """
-    chunk = 1 << 20
+    chunk = 4 << 20
     buf = b""
     pos = 0
     base = 0  # stream offset of buf[0]
@@ -1035,22 +1149,37 @@ def iter_tar_members(
     unpack = _TAR_SIZE_SUM_TYPE.unpack_from
     unpack_names = _TAR_NAMES.unpack_from
 
+    readinto = getattr(f, "readinto", None)
+
     def need(n: int) -> bool:
+        """Make n bytes available at pos, reading a chunk (straight into the new buffer where possible)."""
         nonlocal buf, pos, base
         if len(buf) - pos >= n:
             return True
-        parts = [buf[pos:]]
-        have = len(parts[0])
-        while have < n:
-            more = f.read(max(chunk, n - have))
-            if not more:
-                break
-            parts.append(more)
-            have += len(more)
         base += pos
-        buf = b"".join(parts)
-        pos = 0
-        return len(buf) >= n
+        if readinto is None:
+            parts = [buf[pos:]]
+            have = len(parts[0])
+            while have < n:
+                more = f.read(max(chunk, n - have))
+                if not more:
+                    break
+                parts.append(more)
+                have += len(more)
+            buf, pos = b"".join(parts), 0
+            return have >= n
+        new = bytearray(max(chunk, n))
+        have = len(buf) - pos
+        new[:have] = memoryview(buf)[pos:]
+        with memoryview(new) as view:
+            while have < n:
+                got = readinto(view[have:])
+                if not got:
+                    break
+                have += got
+        del new[have:]
+        buf, pos = new, 0
+        return have >= n
 
     bulk_pause = 0
     while True:
@@ -1058,10 +1187,10 @@ def iter_tar_members(
             if bulk_pause:
                 bulk_pause -= 1
             else:
-                items, new_pos = _tar_bulk(buf, pos, want, base)
-                if items or new_pos != pos:
-                    pos = new_pos
-                    yield from items
+                bulk = _tar_bulk(buf, pos, want)
+                if bulk is not None:
+                    run, pos = bulk
+                    yield run
                     continue
                 bulk_pause = 64  # nothing bulk-able here: the careful loop takes a stretch
         if len(buf) - pos < 512 and not need(512):
@@ -1120,13 +1249,7 @@ def iter_tar_members(
                 padded = (size + 511) & ~511
             pax = {}
         if typ == 0x30 or typ == 0 or typ == 0x37:
-            slash = name.rfind("/")
-            dot = name.find(".", slash + 1)
-            if dot > slash + 1 and not (name[:2] == "__" and _META_RE.match(name)):
-                key = name[:dot]
-                ext = name[dot + 1 :].lower()
-            else:
-                key = None
+            key, ext = split_member_name(name) or (None, None)
         elif 0x31 <= typ <= 0x36:
             key = None
         else:
@@ -1136,7 +1259,7 @@ def iter_tar_members(
                 raise ValueError(f"truncated tar: member {name!r} cut short")
             data = buf[pos : pos + size]
             pos += padded
-            yield name, key, ext, data
+            yield TarRun.one(name, key, data)
             continue
         inbuf = len(buf) - pos
         if padded <= inbuf:
@@ -1160,7 +1283,7 @@ def iter_tar_members(
                     left -= len(got)
             base += todo
         if key is not None:
-            yield name, key, ext, None
+            yield TarRun.one(name, key, None)
 
 
 def _json_field(obj, field: str):
@@ -1185,7 +1308,78 @@ def _captions_of_value(value, where: str) -> List[str]:
     raise ValueError(f"{where}: caption field is {type(value).__name__}, expected a string or list of strings")
 
 
-def _iter_wds(unit: Unit, key: CaptionKey, stats: ReadStats) -> Iterator[str]:
+def _decode_captions(run: TarRun, ext: str) -> List[str]:
+    try:
+        return [d.decode("utf-8") for d in run.datas]
+    except UnicodeDecodeError:
+        for d, name in zip(run.datas, itertools.compress(run.names(), run.wanted)):
+            try:
+                d.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"sample {split_member_name(name)[0]!r}: {ext} member is not UTF-8 ({e})") from None
+        raise
+
+
+def _json_captions(run: TarRun, field: str) -> Tuple[List[str], List[bool]]:
+    """Captions of the json members' `field`, and per member whether it gave at least one."""
+    out: List[str] = []
+    has = [False] * len(run.wanted)
+    at = [i for i, w in enumerate(run.wanted) if w]
+    names = run.names()
+    for i, d in zip(at, run.datas):
+        where = f"sample {split_member_name(names[i])[0]!r}"
+        try:
+            obj = json.loads(d.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{where}: json member is not UTF-8 ({e})") from None
+        except ValueError as e:
+            raise ValueError(f"{where}: json member does not parse ({e})") from None
+        caps = _captions_of_value(_json_field(obj, field), where)
+        if caps:
+            has[i] = True
+            out.extend(caps)
+    return out, has
+
+
+class _SampleTally:
+    """Counts samples (runs of members with one key) and those without a caption, run by run."""
+
+    def __init__(self, stats: ReadStats):
+        self.stats = stats
+        self.key: Optional[str] = None  # key of the sample in progress
+        self.found = False  # whether it has a caption so far
+
+    def add(self, run: TarRun, has: List[bool]) -> None:
+        if len(has) == 1:  # the careful tar loop gives one member at a time
+            if run.first_key != self.key:
+                self.close()
+                self.stats.samples += 1
+                self.key, self.found = run.first_key, has[0]
+            else:
+                self.found = self.found or has[0]
+            return
+        new = np.asarray(run.new_key, dtype=bool)
+        new[0] = run.first_key != self.key
+        starts = np.flatnonzero(new)
+        if not len(starts):
+            self.found = self.found or any(has)
+            return
+        first = int(starts[0])
+        if self.key is not None and not (self.found or any(has[:first])):
+            self.stats.missing += 1
+        sample_of = np.cumsum(new)[first:] - 1
+        got = np.bincount(sample_of[np.asarray(has[first:], dtype=bool)], minlength=len(starts)) > 0
+        self.stats.samples += len(starts)
+        self.stats.missing += int(len(starts) - 1 - np.count_nonzero(got[:-1]))
+        self.key, self.found = run.last_key, bool(got[-1])
+
+    def close(self) -> None:
+        if self.key is not None and not self.found:
+            self.stats.missing += 1
+        self.key = None
+
+
+def _iter_wds(unit: Unit, key: CaptionKey, stats: ReadStats) -> Iterator[List[str]]:
     f = open_url(unit.url)
     try:
         head = f.read(2)
@@ -1197,41 +1391,21 @@ def _iter_wds(unit: Unit, key: CaptionKey, stats: ReadStats) -> Iterator[str]:
             stream, seekable = f, True
         else:
             stream, seekable = _Prefixed(head, f), False
-        want = key.ext
-        cur = None
-        found = False
-        for _name, prefix, ext, data in iter_tar_members(stream, want, seekable):
-            if prefix != cur:
-                if cur is not None and not found:
-                    stats.missing += 1
-                cur, found = prefix, False
-                stats.samples += 1
-            if data is None:
-                continue
-            where = f"sample {prefix!r}"
-            try:
-                text = data.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{where}: {ext} member is not UTF-8 ({e})") from None
+        tally = _SampleTally(stats)
+        for run in _iter_tar_runs(stream, key.ext, seekable):
             if key.field is None:
-                found = True
-                yield text
+                caps, has = _decode_captions(run, key.ext), run.wanted
             else:
-                try:
-                    obj = json.loads(text)
-                except ValueError as e:
-                    raise ValueError(f"{where}: json member does not parse ({e})") from None
-                caps = _captions_of_value(_json_field(obj, key.field), where)
-                if caps:
-                    found = True
-                    yield from caps
-        if cur is not None and not found:
-            stats.missing += 1
+                caps, has = _json_captions(run, key.field)
+            tally.add(run, has)
+            if caps:
+                yield caps
+        tally.close()
     finally:
         f.close()  # for pipe: this also checks the command's exit status
 
 
-def _iter_csv(unit: Unit, column: str, stats: ReadStats) -> Iterator[str]:
+def _iter_csv(unit: Unit, column: str, stats: ReadStats) -> Iterator[List[str]]:
     f = open_url(unit.url)
     try:
         raw = f
@@ -1250,6 +1424,7 @@ def _iter_csv(unit: Unit, column: str, stats: ReadStats) -> Iterator[str]:
             raise ValueError(f"no column {column!r}; columns are {header}")
         col = header.index(column)
         part, k = unit.part, unit.nparts
+        batch: List[str] = []
         for i, row in enumerate(reader):
             if i % k != part:
                 continue
@@ -1257,7 +1432,12 @@ def _iter_csv(unit: Unit, column: str, stats: ReadStats) -> Iterator[str]:
             if col >= len(row):
                 stats.missing += 1
                 continue
-            yield row[col]
+            batch.append(row[col])
+            if len(batch) >= 4096:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
     finally:
         f.close()
 
@@ -1277,14 +1457,26 @@ class _Readable(io.RawIOBase):
         return len(data)
 
 
-def iter_captions(
+def iter_caption_batches(
     unit: Unit, key: CaptionKey, csv_key: str = "title", stats: Optional[ReadStats] = None
-) -> Iterator[str]:
-    """The single caption reader shared by `superclip idf` and `superclip cooccur`."""
+) -> Iterator[List[str]]:
+    """The single caption reader shared by `superclip idf` and `superclip cooccur`, a list at a time."""
     stats = stats if stats is not None else ReadStats()
     if unit.kind == "csv":
         return _iter_csv(unit, csv_key, stats)
     return _iter_wds(unit, key, stats)
+
+
+def iter_captions(
+    unit: Unit, key: CaptionKey, csv_key: str = "title", stats: Optional[ReadStats] = None
+) -> Iterator[str]:
+    """iter_caption_batches, a caption at a time."""
+    batches = iter_caption_batches(unit, key, csv_key, stats)
+    try:
+        for batch in batches:
+            yield from batch
+    finally:
+        batches.close()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1292,7 +1484,6 @@ def iter_captions(
 # ---------------------------------------------------------------------------------------------------
 
 _PROGRESS_QUEUE = None
-PROGRESS_EVERY = 4096
 
 
 def _worker_init(queue) -> None:
@@ -1457,16 +1648,23 @@ def _count_unit(
     counter = _process_counter(model, max_cache)
     counter.reset()
     stats = ReadStats()
-    gen = iter_captions(unit, key, csv_key, stats)
-    it = gen if limit is None else itertools.islice(gen, limit)
+    batches = iter_caption_batches(unit, key, csv_key, stats)
+    wanted = limit
     try:
-        while True:
-            batch = list(itertools.islice(it, PROGRESS_EVERY))
-            if not batch:
+        pending: List[str] = []
+        for batch in batches:
+            if wanted is not None:
+                batch = batch[:wanted]
+                wanted -= len(batch)
+            pending.extend(batch)
+            if len(pending) >= COUNT_BATCH or wanted == 0:
+                report(counter.add_many(pending))
+                pending = []
+            if wanted == 0:
                 break
-            report(counter.add_many(batch))
+        report(counter.add_many(pending))
     finally:
-        gen.close()
+        batches.close()
     df, n = counter.result()
     out = (df.copy(), n, stats.samples, stats.missing)
     counter.reset()
