@@ -205,6 +205,87 @@ def test_counter_identical_per_caption_on_fuzz():
     assert counter.num_captions == n and np.array_equal(counter.doc_freq, ref)
 
 
+def test_fast_bpe_and_ascii_regex_twin_equal_open_clip():
+    """The counter's BPE and its stdlib-re twin of the tokenizer's regex give open_clip's exact results."""
+    tok = B.get_tokenizer("")
+    counter = B.DocFreqCounter(tok)
+    rng = random.Random(21)
+    pieces = set()
+    for cap in HARD + _fuzz(800, seed=22) + make_captions(300, seed=23):
+        pieces.update(tok.pat.findall(B.clean_lower(cap)))
+    pieces.update("".join(rng.choice("aaabbbeeerstl") for _ in range(rng.randint(1, 24))) for _ in range(500))
+    for piece in pieces:
+        token = "".join(tok.byte_encoder[b] for b in piece.encode("utf-8"))
+        assert counter._bpe(token) == tok.bpe(token).split(" "), repr(piece)
+    twin = B.ascii_twin_pattern(tok.pat)
+    assert twin is not None
+    alphabet = [chr(i) for i in range(128)] + ["'s", "'LL", "'re", "<start_of_text>", "<end_of_text>", "''s"]
+    for _ in range(3000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+        assert twin.findall(text) == tok.pat.findall(text), repr(text)
+    import regex
+    assert B.ascii_twin_pattern(regex.compile(r"[\p{L}]+|\p{Lu}")) is None  # a Unicode construct it cannot map
+
+
+def test_packed_word_index_matches_a_dict():
+    rng = random.Random(31)
+    alphabet = [chr(i) for i in range(33, 127)]
+    words = list(dict.fromkeys("".join(rng.choice(alphabet) for _ in range(rng.randint(1, 16)))
+                                for _ in range(20000)))
+    index = B._PackedWordIndex(bits=4)  # tiny: forces growth and long probe runs
+
+    def keys(ws):
+        raw = "".join(w.ljust(16, "\0") for w in ws).encode("ascii")
+        pairs = np.frombuffer(raw, dtype="<u8").reshape(-1, 2)
+        return pairs[:, 0].copy(), pairs[:, 1].copy()
+
+    known = {}
+    for chunk in range(0, 15000, 3000):
+        new = words[chunk:chunk + 3000]
+        k1, k2 = keys(new)
+        index.insert(k1, k2, np.arange(chunk, chunk + len(new)))
+        known.update(zip(new, range(chunk, chunk + len(new))))
+        probe = rng.sample(words, 4000)
+        got = index.lookup(*keys(probe))
+        assert got.tolist() == [known.get(w, -1) for w in probe]
+    assert index.size == 15000 and 2 * index.size <= len(index.row)
+
+
+def test_tar_runs_names_keys_and_sample_counts(tmp_path):
+    """Bulk-parsed names (dots in folders, upper-case extensions, folders) and sample counts match tarfile."""
+    p = tmp_path / "names.tar"
+    rng = random.Random(41)
+    expected_caps, samples, missing = [], 0, 0
+    with tarfile.open(p, "w", format=tarfile.PAX_FORMAT) as tf:
+        for i in range(400):
+            folder = rng.choice(["", "a.b/", "dir/sub/", "x/"])
+            key = f"{folder}s{i:05d}"
+            exts = rng.choice([["jpg", "txt"], ["TXT", "json"], ["json"], ["Txt"], ["txt.gz"], ["tar.txt"]])
+            samples += 1
+            missing += not any(e.lower() == "txt" for e in exts)
+            for e in exts:
+                data = f"caption {i} {e}".encode() if e.lower() == "txt" else bytes(rng.randrange(1, 900))
+                if e.lower() == "txt":
+                    expected_caps.append(data.decode())
+                ti = tarfile.TarInfo(f"{key}.{e}")
+                ti.size, ti.mtime = len(data), 1700000000.5  # float mtime: a pax record per member
+                tf.addfile(ti, io.BytesIO(data))
+    with tarfile.open(p) as tf:
+        ref = []
+        for m in tf:
+            base = m.name.rsplit("/", 1)[-1]
+            key, ext = m.name[: len(m.name) - len(base) + base.index(".")], base[base.index(".") + 1 :].lower()
+            ref.append((m.name, key, ext, tf.extractfile(m).read() if ext == "txt" else None))
+    with open(p, "rb") as f:
+        assert list(B.iter_tar_members(f, "txt", seekable=True)) == ref
+    for url in (str(p), "pipe:cat " + str(p)):  # memory-mapped, and read as a stream
+        stats = B.ReadStats()
+        unit = B.make_units([url], "auto")[0]
+        caps = [c for batch in B.iter_caption_batches(unit, B.CaptionKey.parse("txt"), stats=stats) for c in batch]
+        assert caps == expected_caps
+        assert (stats.samples, stats.missing) == (samples, missing)
+
+
 def test_counter_equals_naive_and_cache_eviction():
     caps = make_captions(400, seed=3)
     ref, n = naive(caps)
