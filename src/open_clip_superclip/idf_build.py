@@ -789,16 +789,18 @@ class DocFreqCounter:
             rows[miss] = np.fromiter(map(index.__getitem__, missing), dtype=np.int64, count=len(missing))
         return rows
 
-    def _plain_rows(self, captions: List[str]) -> np.ndarray:
-        """Word rows of printable-ASCII captions without '&', a row 0 (no tokens) between captions.
+    def _plain_rows(self, texts: List[str]) -> np.ndarray:
+        """Word rows of cleaned texts whose only whitespace is ' ', a row 0 (no tokens) between texts.
 
-        Their cleaning is " ".join(c.split()).lower(), and their only whitespace is ' ': words are
-        the runs of other bytes of the lower-cased, joined text. Words of up to 16 bytes are looked
-        up in the packed index; longer and new words go through the dict (and new short ones are
-        then added to the packed index).
+        Printable text has no whitespace but ' ' (str.isprintable is False for every other
+        character str.split() splits on), so the words of " ".join(t.split()).lower() are the runs
+        of bytes other than b' ' in the UTF-8 of the lower-cased, joined texts. Words of up to 16
+        bytes are looked up in the packed index; longer and new words go through the dict (and new
+        short ones are then added to the packed index).
         """
-        text = (" " + _SEP + " ").join(captions).lower()
-        raw = text.encode("ascii")
+        text = (" " + _SEP + " ").join(texts).lower()
+        ascii_only = text.isascii()
+        raw = text.encode("ascii" if ascii_only else "utf-8")
         edge = np.diff((np.frombuffer(raw, dtype=np.uint8) != 32).view(np.int8), prepend=np.int8(0),
                        append=np.int8(0))
         starts = np.flatnonzero(edge == 1)
@@ -814,7 +816,9 @@ class DocFreqCounter:
         miss = np.flatnonzero(rows < 0)
         if len(miss):
             begin = starts[miss].tolist()
-            rows[miss] = self._word_rows([text[a : a + k] for a, k in zip(begin, lens[miss].tolist())])
+            spans = zip(begin, lens[miss].tolist())
+            words = [text[a : a + k] for a, k in spans] if ascii_only else [raw[a : a + k].decode() for a, k in spans]
+            rows[miss] = self._word_rows(words)
             learn = np.flatnonzero(np.isin(short, miss, assume_unique=True))
             if len(learn):
                 first = np.unique(rows[short[learn]], return_index=True)[1]
@@ -875,6 +879,8 @@ class DocFreqCounter:
                     x = trivial_clean(c)
                     if x is None:
                         slow(c)
+                    elif x.isprintable():
+                        fast.append(x)  # cleaned already; only ' ' is whitespace in it
                     else:
                         ws = " ".join(x.split()).lower().split(" ")
                         slow_words.extend(ws)
