@@ -19,8 +19,10 @@ _logger = logging.getLogger(__name__)
 
 CLASS_HEAD_PREFIXES = ("class_head.", "class_idf.")
 CLASS_LOSS_IMPLS = ("dense", "chunked")
-# The faster implementation per device type, measured by `make bench` (docs/benchmarks.md): dense on both
-# (H100, B=1024: 6.3 ms vs 10.5 ms; 2-core CPU: chunked 10-25% slower). "chunked" trades that time for memory.
+# The faster implementation per device type, measured by `make bench` (docs/benchmarks.md). 2-core CPU,
+# B=1024: the row-chunked kernel takes 0.93-1.06x dense's time (a tie within the machine's noise) for a quarter
+# of its memory; dense stays the default there. CUDA: only the earlier vocabulary-chunked kernel was measured
+# (H100: dense 6.3 ms vs 10.5 ms), so dense until the row-chunked one is measured on a GPU.
 DEFAULT_CLASS_LOSS_IMPL = {"cpu": "dense", "cuda": "dense"}
 
 
