@@ -56,7 +56,8 @@ def _sweep(x, weight, bias, token_ids, chunk_rows, compute_dtype, need_x, need_w
     lse = torch.empty(batch, dtype=acc_dtype, device=dev)
     token_logits = torch.empty(token_ids.shape, dtype=acc_dtype, device=dev)
     soft_w = torch.empty(x.shape, dtype=acc_dtype, device=dev) if need_x else None
-    soft_x = torch.zeros(weight.shape, dtype=acc_dtype, device=dev) if need_w else None
+    # softmax.T @ x accumulates in place in the matmul dtype: under AMP a 16-bit [V, W] buffer, no fp32 temporaries
+    soft_x = torch.zeros(weight.shape, dtype=compute_dtype, device=dev) if need_w else None
     soft_sum = torch.zeros(bias.shape, dtype=acc_dtype, device=dev) if need_b else None
     for start in range(0, batch, chunk_rows):
         rows = slice(start, start + chunk_rows)
@@ -91,7 +92,7 @@ class _FusedHeadLogSumExp(torch.autograd.Function):
         ctx.chunk_rows = chunk_rows
         ctx.compute_dtype = compute_dtype
         ctx.save_for_backward(x, weight, bias, token_ids)
-        ctx.products = products  # the [V, W] one becomes the weight gradient in place (no second buffer)
+        ctx.products = products  # backward turns them into the gradients in place, then drops them
         return lse, token_logits
 
     @staticmethod
@@ -110,7 +111,7 @@ class _FusedHeadLogSumExp(torch.autograd.Function):
             g_tok = grad_tokens.to(acc_dtype)
             common = g_lse.median()  # the dlse most rows share (all of them, for a mean-reduced loss)
             grad_x = g_lse[:, None] * soft_w if need_x else None
-            grad_w = soft_x.mul_(common) if need_w else None
+            grad_w = soft_x.to(acc_dtype).mul_(common) if need_w else None  # fp32 compute: in place, no copy
             grad_b = soft_sum.mul_(common) if need_b else None
             if need_w or need_b:  # exact correction for the rows whose dlse differs from the common one
                 odd = (g_lse != common).nonzero().squeeze(1)
