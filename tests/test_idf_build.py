@@ -550,6 +550,29 @@ def test_tar_bulk_path_edge_cases(tmp_path):
             list(B.iter_tar_members(f, "txt", seekable=True))
 
 
+def test_truncated_or_empty_shards_fail_alike_mapped_or_streamed(tmp_path):
+    """Cuts inside a header, inside a large member and before the end blocks: a clear error either way."""
+    p = tmp_path / "full.tar"
+    with wds.TarWriter(str(p)) as w:
+        for i in range(300):
+            w.write({"__key__": f"{i:05d}", "txt": f"caption {i}", "jpg": bytes(5000 if i == 200 else 100)})
+    data = p.read_bytes()
+    big = data.index(b"00200.jpg")  # the header of the 5000-byte member
+    last_member_end = data.index(b"00299.jpg") + 512 + 512  # its 100 bytes fill one block
+    cuts = {"header": big + 100, "member": big + 512 + 2000, "end blocks": last_member_end, "empty": 0}
+    for where, cut in cuts.items():
+        q = tmp_path / f"cut-{where.replace(' ', '_')}.tar"
+        q.write_bytes(data[:cut])
+        errors = []
+        for url in (str(q), "pipe:cat " + str(q)):
+            with pytest.raises(ValueError) as info:
+                unit = B.make_units([url], "auto")[0]
+                list(B.iter_captions(unit, B.CaptionKey.parse("txt")))
+            errors.append(str(info.value))
+        assert errors[0] == errors[1], where
+        assert ("empty file" if where == "empty" else "truncated") in errors[0], (where, errors[0])
+
+
 def test_csv_quoting_and_columns(tmp_path, capsys):
     caps = ['multi\nline "quoted", caption', "plain", "comma, inside"]
     p = write_csv(tmp_path / "q.csv", caps)

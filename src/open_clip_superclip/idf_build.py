@@ -1408,7 +1408,7 @@ def _scan_tar(f, want: Optional[str], seekable: bool, mapped) -> Iterator[TarRun
         if len(buf) - pos < 512 and not need(512):
             if len(buf) - pos == 0:
                 raise ValueError(
-                    "truncated tar: no end-of-archive block" if base else "empty file, not a tar archive"
+                    "truncated tar: no end-of-archive block" if base + pos else "empty file, not a tar archive"
                 )
             raise ValueError(f"truncated tar: partial header at byte {base + pos}")
         sz, chk, typ = unpack(buf, pos)
