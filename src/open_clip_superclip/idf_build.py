@@ -568,6 +568,7 @@ COUNT_BATCH = 8192  # captions per numpy pass of DocFreqCounter: amortises its f
 _SEP = "\x01"  # joins printable captions into one string; never inside a printable caption
 
 
+_MIX1, _MIX2, _MIX3 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0x632BE59BD9B4E019), np.uint64(0xD6E8FEB86659FD93)
 _BYTE_MASKS = np.array([(1 << (8 * k)) - 1 for k in range(9)], dtype=np.uint64)  # the low k bytes
 
 
@@ -587,7 +588,8 @@ class _PackedWordIndex:
         self.size = 0
 
     def _slot(self, k1: np.ndarray, k2: np.ndarray) -> np.ndarray:
-        h = (k1 * np.uint64(0x9E3779B97F4A7C15)) ^ ((k2 + np.uint64(0x632BE59BD9B4E019)) * np.uint64(0xD6E8FEB86659FD93))
+        """Top bits of a multiplicative mix of both keys (uint64 products wrap, as intended)."""
+        h = (k1 * _MIX1) ^ ((k2 + _MIX2) * _MIX3)
         return (h >> np.uint64(64 - self.bits)).astype(np.int64)
 
     def lookup(self, k1: np.ndarray, k2: np.ndarray) -> np.ndarray:
