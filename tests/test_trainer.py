@@ -85,6 +85,21 @@ def test_accum_freq_equals_one_step_on_the_larger_batch(tmp_path, csv_data):
     assert torch.equal(sd_big["class_idf.doc_freq"], sd_acc["class_idf.doc_freq"])
 
 
+def test_loss_impl_flag_selects_the_chunked_kernel_with_the_same_training(tmp_path, csv_data):
+    """--superclip-loss-impl chunked reaches the model and trains as dense does (here with --accum-freq 2)."""
+    runs = {}
+    for impl in ("dense", "chunked"):
+        logs = tmp_path / impl
+        _ok(run_trainer(base_args(csv_data, logs, batch=4) + ["--accum-freq", "2", "--superclip-loss-impl", impl]))
+        assert f"class loss impl={impl}" in (logs / "run" / "out.log").read_text()
+        runs[impl] = _assert_superclip_run(logs)
+    (sd_dense, steps_dense), (sd_chunked, steps_chunked) = runs["dense"], runs["chunked"]
+    for key in ("class_loss", "contrastive_loss"):
+        assert [s[key] for s in steps_chunked] == pytest.approx([s[key] for s in steps_dense], abs=1e-4)
+    torch.testing.assert_close(sd_chunked["class_head.proj.weight"], sd_dense["class_head.proj.weight"],
+                               rtol=1e-4, atol=1e-6)
+
+
 def test_resume_restores_statistics_and_matches_uninterrupted_run(tmp_path, csv_data):
     # one full-batch step per epoch: the stock CSV loader reshuffles from the global RNG, which resume resets
     full = ["--lr-scheduler", "const"]
