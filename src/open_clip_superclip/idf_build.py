@@ -1211,7 +1211,9 @@ def _tar_bulk(buf: bytes, pos: int, want: Optional[str], end: int) -> Optional[T
     ok = ((digits >= 0) & (digits <= 7)).all(axis=1) & ((field[:, 11] == 0) | (field[:, 11] == 32))
     nxt = np.full(nb + 1, -1, dtype=np.int64)
     good_cand = cand[ok]
-    nxt[good_cand] = good_cand + 1 + (digits[ok] @ _OCT11 + 511) // 512
+    size_at = np.zeros(nb + 1, dtype=np.int64)  # member size by header block, parsed once
+    size_at[good_cand] = digits[ok] @ _OCT11
+    nxt[good_cand] = good_cand + 1 + (size_at[good_cand] + 511) // 512
     linked = good_cand[nxt[good_cand] <= nb]
     if len(linked) and linked[0] == 0 and (nxt[linked[:-1]] == linked[1:]).all():
         hp = linked  # the usual case: the candidates are exactly the chain of headers from block 0
@@ -1226,7 +1228,7 @@ def _tar_bulk(buf: bytes, pos: int, want: Optional[str], end: int) -> Optional[T
     if len(hp) < 16:
         return None
     heads = np.take(blocks, hp, axis=0)
-    sizes = (heads[:, 124:135].astype(np.int64) - 48) @ _OCT11
+    sizes = size_at[hp]
     chk = heads[:, 148:156].astype(np.int64)
     chk_digits = chk[:, :6] - 48
     fmt_ok = (chk[:, 6] == 0) & (chk[:, 7] == 32) & ((chk_digits >= 0) & (chk_digits <= 7)).all(axis=1)
