@@ -4,7 +4,9 @@ Prints captions/s of the naive loop, of the in-memory counter, and of the whole 
 webdataset shards from disk) with 1 and 2 processes, the speed-up ratios per core (CPU time), and
 checks that every method gives identical counts. Two naive baselines: the encode loop over captions
 already in memory (it reads nothing), and the loop a user would write over the same shards
-(webdataset + encode). `run(n_captions)` returns the rows for the `make bench` script.
+(webdataset + encode). The in-memory comparison is repeated on multilingual captions (real words of
+Faker's 100+ locales), where many more words are new. `run(n_captions)` returns the rows for the
+`make bench` script.
 
     python bench/bench_idf.py [--captions 200000] [--shards 8]
 """
@@ -87,6 +89,51 @@ def make_captions(n: int, seed: int = 0, vocab_size: int = 5000, special_share: 
     return out
 
 
+def make_multilingual_captions(n: int, seed: int = 0):
+    """Captions of real words in Faker's 100+ locales (Latin, Cyrillic, Greek, Arabic, Hebrew, Devanagari,
+    Thai, CJK, ...), with emoji sequences from the emoji package, URLs, numbers, multi-line addresses, and
+    some captions HTML-escaped, decomposed (NFD/NFKD), mis-decoded as Latin-1 or cp1252, or with curly
+    quotes and ideographic spaces."""
+    import html
+    import unicodedata
+    import warnings
+
+    import emoji
+    from faker import Faker
+    from faker.config import AVAILABLE_LOCALES
+
+    rng = random.Random(seed)
+    emojis = sorted(emoji.EMOJI_DATA)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecated locales
+        fakers = [Faker(loc) for loc in AVAILABLE_LOCALES]
+    for i, f in enumerate(fakers):
+        f.seed_instance(seed * 1000 + i)
+    makers = [lambda f: f.sentence(nb_words=rng.randint(3, 14)), lambda f: f.name(), lambda f: f.address(),
+              lambda f: f.company() + " " + f.catch_phrase(), lambda f: f.url() + f.uri_path(),
+              lambda f: f.text(max_nb_chars=rng.choice([60, 200, 600])), lambda f: f.city() + ", " + f.country(),
+              lambda f: f"{f.date()} {f.time()} {f.pyfloat()}", lambda f: f.job()]
+    weird = [html.escape, lambda c: unicodedata.normalize("NFD", c),
+             lambda c: c.encode("utf-8").decode("latin-1"),
+             lambda c: c.encode("utf-8").decode("cp1252", errors="replace"),
+             lambda c: c.replace('"', "\u201c", 1).replace("'", "\u2019"),
+             lambda c: unicodedata.normalize("NFKD", c).upper(), lambda c: c.replace(" ", "\u3000")]
+    out = []
+    for _ in range(n):
+        f = rng.choice(fakers)
+        parts = []
+        for _ in range(rng.randint(1, 3)):
+            try:
+                parts.append(rng.choice(makers)(f))
+            except (AttributeError, NotImplementedError):  # a provider this locale lacks
+                parts.append(f.word())
+        if rng.random() < 0.3:
+            parts.insert(rng.randrange(len(parts) + 1), "".join(rng.choice(emojis) for _ in range(rng.randint(1, 4))))
+        caption = " ".join(parts)
+        out.append(rng.choice(weird)(caption) if rng.random() < 0.25 else caption)
+    return out
+
+
 def _write_shards(caps, directory: str, nshards: int):
     import webdataset as wds
 
@@ -133,33 +180,12 @@ def run(n_captions: int = 200_000, nshards: int = 8, seed: int = 0):
     naive_tok = B._tokenizer_module().SimpleTokenizer()
     _cold()
     counter = B.DocFreqCounter(B.get_tokenizer(""))
-    ref = np.zeros(counter.vocab_size, dtype=np.int64)
-    wall = {"naive": 0.0, "counter": 0.0}
-    cpu = {"naive": 0.0, "counter": 0.0}
-    step = max(1, len(caps) // 20)
-    for i in range(0, len(caps), step):
-        chunk = caps[i:i + step]
-        w, c = time.perf_counter(), time.process_time()
-        ref += B.naive_doc_freq(chunk, naive_tok)[0]
-        wall["naive"] += time.perf_counter() - w
-        cpu["naive"] += time.process_time() - c
-        w, c = time.perf_counter(), time.process_time()
-        counter.add_many(chunk)
-        wall["counter"] += time.perf_counter() - w
-        cpu["counter"] += time.process_time() - c
+    ref, wall, cpu = _side_by_side(caps, naive_tok, counter)
     df, m = counter.result()
     assert m == n_captions and np.array_equal(df, ref), "counter differs from the naive loop"
     # steady state of a long run: the same captions again, word table warm (naive on a tenth, interleaved)
     counter.reset()
-    warm_cpu = {"naive": 0.0, "counter": 0.0}
-    for i in range(0, len(caps), step):
-        chunk = caps[i:i + step]
-        c = time.process_time()
-        B.naive_doc_freq(chunk[: max(1, len(chunk) // 10)], naive_tok)
-        warm_cpu["naive"] += (time.process_time() - c) * len(chunk) / max(1, len(chunk) // 10)
-        c = time.process_time()
-        counter.add_many(chunk)
-        warm_cpu["counter"] += time.process_time() - c
+    _, _, warm_cpu = _side_by_side(caps, naive_tok, counter, naive_share=0.1)
     assert np.array_equal(counter.result()[0], ref)
     n = n_captions
     naive = n / wall["naive"]
@@ -169,6 +195,8 @@ def run(n_captions: int = 200_000, nshards: int = 8, seed: int = 0):
     rows.append(("counter / naive encode loop, per core (CPU time)", round(cpu["naive"] / cpu["counter"], 1)))
     rows.append(("counter / naive encode loop, warm word table, per core",
                  round(warm_cpu["naive"] / warm_cpu["counter"], 1)))
+
+    rows.extend(_multilingual_rows(make_multilingual_captions(max(2000, n_captions // 10), seed), naive_tok))
 
     identical = True
     with tempfile.TemporaryDirectory() as d:
@@ -197,6 +225,45 @@ def run(n_captions: int = 200_000, nshards: int = 8, seed: int = 0):
     rows.append(("counts identical to naive", identical))
     assert identical, "builder counts differ from the naive loop"
     return rows
+
+
+def _side_by_side(caps, naive_tok, counter, chunks: int = 20, naive_share: float = 1.0):
+    """(naive counts, wall seconds, CPU seconds) of the naive loop and counter.add_many over caps, run
+    chunk by chunk alternately so both see the same load on a shared machine. With naive_share < 1 the
+    naive loop runs on that share of each chunk and its times are scaled up (its counts are then partial)."""
+    ref = np.zeros(counter.vocab_size, dtype=np.int64)
+    wall = {"naive": 0.0, "counter": 0.0}
+    cpu = {"naive": 0.0, "counter": 0.0}
+    step = max(1, len(caps) // chunks)
+    for i in range(0, len(caps), step):
+        chunk = caps[i:i + step]
+        part = chunk[: max(1, round(len(chunk) * naive_share))]
+        w, c = time.perf_counter(), time.process_time()
+        ref += B.naive_doc_freq(part, naive_tok)[0]
+        wall["naive"] += (time.perf_counter() - w) * len(chunk) / len(part)
+        cpu["naive"] += (time.process_time() - c) * len(chunk) / len(part)
+        w, c = time.perf_counter(), time.process_time()
+        counter.add_many(chunk)
+        wall["counter"] += time.perf_counter() - w
+        cpu["counter"] += time.process_time() - c
+    return ref, wall, cpu
+
+
+def _multilingual_rows(caps, naive_tok):
+    """The same comparison on real words of 100+ locales, where far more words and BPE pieces are new."""
+    _cold()
+    counter = B.DocFreqCounter(B.get_tokenizer(""))
+    ref, _, cold = _side_by_side(caps, naive_tok, counter, chunks=10)
+    assert np.array_equal(counter.result()[0], ref), "counter differs from the naive loop (multilingual)"
+    counter.reset()
+    _, _, warm = _side_by_side(caps, naive_tok, counter, chunks=10, naive_share=0.1)
+    share = round(100.0 * sum(not c.isascii() for c in caps) / len(caps), 1)
+    return [("multilingual captions (Faker's locales; emoji, entities, NFD, mojibake)", len(caps)),
+            ("multilingual: captions with non-ASCII %", share),
+            ("multilingual: naive encode loop captions/s, CPU", round(len(caps) / cold["naive"])),
+            ("multilingual: counter / naive encode loop, per core", round(cold["naive"] / cold["counter"], 1)),
+            ("multilingual: counter / naive encode loop, warm word table, per core",
+             round(warm["naive"] / warm["counter"], 1))]
 
 
 def _cpu(fn) -> float:

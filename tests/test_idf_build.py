@@ -1,13 +1,16 @@
 """Tests of `superclip idf`: exact counts, parallel / distributed runs, reader, file format."""
 
 import csv
+import functools
 import gzip
+import http.server
 import io
 import os
 import random
 import subprocess
 import sys
 import tarfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +25,9 @@ except ImportError:
 import webdataset as wds  # noqa: E402
 
 from open_clip_superclip import idf_build as B  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from bench_idf import make_multilingual_captions  # noqa: E402  (one corpus generator for tests and benchmark)
 
 HARD = [
     "A photo of a cat &amp; a dog",
@@ -157,18 +163,43 @@ def _fuzz(n, seed):
     return out
 
 
+def test_counter_identical_on_multilingual_real_words():
+    """Real words of 100+ locales: every caption alone and the whole batch give SimpleTokenizer's ids, and
+    the counter's BPE equals open_clip's on every piece."""
+    tok = B.get_tokenizer("")
+    caps = make_multilingual_captions(1500, seed=41)
+    assert sum(not c.isascii() for c in caps) > 500
+    counter = B.DocFreqCounter(tok)
+    counter.add_many(caps)
+    ref, n = naive(caps)
+    df, m = counter.result()
+    assert m == n and np.array_equal(df, ref)
+    reference = B._tokenizer_module().SimpleTokenizer()
+    pieces = set()
+    for cap in caps:
+        counter.reset()
+        counter.add_many([cap])
+        assert set(np.nonzero(counter.result()[0])[0].tolist()) == set(tok.encode(cap)), repr(cap)
+        pieces.update(tok.pat.findall(B.clean_lower(cap)))
+    for piece in pieces:
+        token = "".join(tok.byte_encoder[b] for b in piece.encode("utf-8"))
+        assert counter._bpe(token) == reference.bpe(token).split(" "), repr(piece)
+
+
 def test_ftfy_gate_equals_open_clip_cleaning():
     """Where the shortcut answers, it gives open_clip's exact cleaning (ftfy + html.unescape x2)."""
     clean = B._tokenizer_module().get_clean_fn("lower")
     gate = B.ftfy_gate()
     assert gate.ok
-    answered = 0
-    for text in HARD + _fuzz(12000, seed=11):
+    answered = answered_lines = 0
+    for text in HARD + _fuzz(12000, seed=11) + make_multilingual_captions(1500, seed=43):
         x = B.trivial_clean(text)
         if x is not None:
             answered += 1
+            answered_lines += "\n" in text
             assert " ".join(x.split()).lower() == clean(text), repr(text)
     assert answered > 4000  # the shortcut does take most non-pathological text
+    assert answered_lines > 200  # multi-line text too, a line at a time as ftfy does
 
 
 def test_windowed_badness_equals_ftfy():
@@ -181,13 +212,18 @@ def test_windowed_badness_equals_ftfy():
         "\u00c3\u00c2\u00ce\u00d0\u20ac\u0153\u0160\u00a2\u00a3\u00a0\u00ae\u00a9\u00b0\u00b7\u00bb\u2013\u2014"
         "\u00d7\u00b2\u00d8\u00d9\u00e0\u00b5\u00bd\u221a\u00b1\u2122\u2248\u201a\u00c4\u00ec\u0432\u0402\u0413"
         "\u0412\u03b2\u0392\u0101\u00e9\u00c9\u00fc\u4e1c")
+    ascii_part, other = alphabet[:95], alphabet[95:]
     positives = 0
-    for _ in range(20000):
-        t = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+    for i in range(30000):
+        if i % 3:  # dense: runs of non-ASCII characters everywhere
+            t = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+        else:  # sparse: islands far apart, close together and at both ends
+            t = "".join(rng.choice(other) if rng.random() < 0.08 else rng.choice(ascii_part)
+                        for _ in range(rng.randint(0, 90)))
         expected = badness.is_bad(t)
         positives += expected
         assert windowed(t) == expected, repr(t)
-    assert positives > 3000
+    assert positives > 4000
 
 
 def test_counter_identical_per_caption_on_fuzz():
@@ -328,6 +364,46 @@ def test_brace_pattern_file_url_pipe_and_gzip(corpus, tmp_path):
     ref600, n600 = naive(corpus["caps"][:600])
     df, n = loaded(out2)
     assert n == n600 and np.array_equal(df, ref600)
+
+
+class _QuietHTTPHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def test_http_and_fsspec_urls_with_progress_bar(corpus, tmp_path, capsys):
+    """Shards served over HTTP (fsspec, or webdataset's curl handler where aiohttp is missing) and shards on
+    an fsspec filesystem (memory://) count as the local files do; the bar shows captions/s and shards done."""
+    import fsspec
+
+    fsspec.filesystem("memory").pipe("/idf-test/shard-002.tar", Path(corpus["shards"][2]).read_bytes())
+    handler = functools.partial(_QuietHTTPHandler, directory=str(corpus["dir"]))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        http_pattern = f"http://127.0.0.1:{server.server_address[1]}/shard-{{000..001}}.tar"
+        out = tmp_path / "remote.npz"
+        assert B.main([http_pattern, "memory://idf-test/shard-002.tar", "-o", str(out)]) == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+        fsspec.filesystem("memory").rm("/idf-test", recursive=True)
+    df, n = loaded(out)
+    ref, n_ref = naive(corpus["caps"][:600])
+    assert n == n_ref and np.array_equal(df, ref)
+    err = capsys.readouterr().err
+    assert "cap/s" in err and "shards 3/3" in err, err[-500:]
+
+
+def test_python_dash_m_idf_is_the_cli_without_warnings(corpus, tmp_path):
+    out = tmp_path / "m.npz"
+    cmd = [sys.executable, "-W", "error::RuntimeWarning", "-m", "open_clip_superclip.idf", corpus["shards"][0],
+           "-o", str(out), "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and "Warning" not in proc.stderr, proc.stderr[-2000:]
+    ref, n = naive(corpus["caps"][:200])
+    assert np.array_equal(loaded(out)[0], ref) and loaded(out)[1] == n
 
 
 def test_json_field_key_and_missing(tmp_path):

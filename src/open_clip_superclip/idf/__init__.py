@@ -80,10 +80,3 @@ class IDFStatistics(nn.Module):
 
     def extra_repr(self) -> str:
         return f"vocab_size={self.doc_freq.numel()}"
-
-
-if __name__ == "__main__":  # `python -m open_clip_superclip.idf` is `superclip idf`
-    import sys
-
-    from .idf_build import main
-    sys.exit(main())
