@@ -1,6 +1,7 @@
 """`make bench`: SuperCLIP's costs as ratios measured side by side in one run (medians, warm-up excluded).
 
-1. training step time SuperCLIP / CLIP, same towers and batch (fp32 and amp_bf16);
+1. training step time SuperCLIP / CLIP, same towers and batch (fp32 and amp_bf16), and its two parts: forward +
+   backward, and the AdamW update (which grows with the head's V x W parameters);
 2. class-loss peak memory chunked / dense at B=1024, V=49408 (CUDA: max_memory_allocated; CPU: the peak of the
    CPU allocator's total in torch.profiler's allocation/free timeline, minus its starting level);
 3. class-loss forward+backward time chunked / dense;
@@ -35,18 +36,6 @@ CAPTIONS = ["a photo of a dog on a red sofa", "two cats sleeping in the sun", "a
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def _median_time(fn, device, repeats, warmup):
-    times = []
-    for i in range(warmup + repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _interleaved_medians(fns, device, repeats, warmup):
@@ -84,18 +73,31 @@ def step_time_ratio(model_name, batch, precision, device, repeats, warmup):
     dtype = torch.bfloat16 if precision == "amp_bf16" else None
 
     def step(name):
-        def run():
-            optimizers[name].zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                out = models[name](images, texts)
-                total = sum(losses[name](**out, output_dict=True).values())
-            total.backward()
-            optimizers[name].step()
-        return run
+        """Seconds of (forward + backward, whole step with the AdamW update) of one training step."""
+        _sync(device)
+        start = time.perf_counter()
+        optimizers[name].zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            out = models[name](images, texts)
+            total = sum(losses[name](**out, output_dict=True).values())
+        total.backward()
+        _sync(device)
+        backward_done = time.perf_counter()
+        optimizers[name].step()
+        _sync(device)
+        return backward_done - start, time.perf_counter() - start
 
-    medians = _interleaved_medians({k: step(k) for k in models}, device, repeats, warmup)
-
-    return medians["SuperCLIP"] / medians["CLIP"], medians
+    # candidates alternate step by step so machine noise hits them alike
+    samples = {name: [] for name in models}
+    for i in range(warmup + repeats):
+        for name in models:
+            timing = step(name)
+            if i >= warmup:
+                samples[name].append(timing)
+    return {name: {"step": statistics.median(t[1] for t in values),
+                   "forward+backward": statistics.median(t[0] for t in values),
+                   "optimizer": statistics.median(t[1] - t[0] for t in values)}
+            for name, values in samples.items()}
 
 
 def _class_loss_inputs(batch, width, device):
@@ -186,10 +188,14 @@ def main(argv=None):
     sections = set(args.sections.split(","))
     rows = []
     for precision in precisions if "step" in sections else ():
-        ratio, medians = step_time_ratio(args.model, batch, precision, device, repeats, warmup=2 if on_cuda else 1)
-        rows.append((f"step time SuperCLIP / CLIP ({args.model}, batch {batch}, {precision})",
-                     f"{ratio:.4f}  ({medians['SuperCLIP']:.3f} s / {medians['CLIP']:.3f} s)"))
-        print(rows[-1], flush=True)
+        medians = step_time_ratio(args.model, batch, precision, device, repeats, warmup=2 if on_cuda else 1)
+        for phase in ("step", "forward+backward", "optimizer"):
+            what = {"step": "step time", "forward+backward": "  of which forward+backward",
+                    "optimizer": "  of which the AdamW update"}[phase]
+            superclip, clip = medians["SuperCLIP"][phase], medians["CLIP"][phase]
+            rows.append((f"{what} SuperCLIP / CLIP ({args.model}, batch {batch}, {precision})",
+                         f"{superclip / clip:.4f}  ({superclip:.3f} s / {clip:.3f} s)"))
+            print(rows[-1], flush=True)
     # the class loss alone, in fp32 and in the precision a training run uses on this device
     head_grad_mib = (49408 * width + 49408) * 4 / 2**20
     class_loss_precisions = (("fp32", None), ("amp_bf16", torch.bfloat16)) if on_cuda else (("fp32", None),)
