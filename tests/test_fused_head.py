@@ -161,6 +161,15 @@ def test_never_materialises_batch_by_vocab():
     assert mode.largest == batch * vocab  # the probe does see a [B, V] tensor when one is built
 
 
+def test_empty_batch_has_zero_gradients_as_dense():
+    x, w, b, tokens, _, _ = _inputs(0, 4, 9, 1, torch.float32)
+    for fn in (fused_head_logsumexp, dense_head_logsumexp):
+        lse, tok = fn(x, w, b, tokens)
+        assert lse.shape == (0,) and tok.shape == (0, 1)
+        grads = torch.autograd.grad((lse.sum() + tok.sum(),), (x, w, b))
+        assert grads[0].shape == (0, 4) and all(torch.equal(g, torch.zeros_like(g)) for g in grads[1:])
+
+
 def test_rejects_bad_chunk():
     x, w, b, tokens, _, _ = _inputs(2, 3, 7, 2, torch.float32)
     with pytest.raises(ValueError):

@@ -109,7 +109,8 @@ class _FusedHeadLogSumExp(torch.autograd.Function):
             ctx.products = None
             g_lse = grad_lse.to(acc_dtype)
             g_tok = grad_tokens.to(acc_dtype)
-            common = g_lse.median()  # the dlse most rows share (all of them, for a mean-reduced loss)
+            # the dlse most rows share (all of them, for a mean-reduced loss); an empty batch has no gradient
+            common = g_lse.median() if len(g_lse) else g_lse.new_zeros(())
             grad_x = g_lse[:, None] * soft_w if need_x else None
             grad_w = soft_x.to(acc_dtype).mul_(common) if need_w else None  # fp32 compute: in place, no copy
             grad_b = soft_sum.mul_(common) if need_b else None
