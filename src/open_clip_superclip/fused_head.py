@@ -40,14 +40,6 @@ def _softmax_rows(xc: Tensor, w: Tensor, b: Tensor, acc_dtype: torch.dtype, toke
     return p.div_(total), (top + total.log()).squeeze(1), token_logits
 
 
-def _add_matmul(out: Tensor, a: Tensor, b: Tensor) -> None:
-    """out += a @ b; in place when the dtypes agree, else through one temporary (low-precision compute)."""
-    if a.dtype == out.dtype:
-        out.addmm_(a, b)
-    else:
-        out += (a @ b).to(out.dtype)
-
-
 def _sweep(x, weight, bias, token_ids, chunk_rows, compute_dtype, need_x, need_w, need_b):
     """lse, token logits, and the softmax products softmax @ W, softmax.T @ x, softmax.sum(0) (where needed)."""
     acc_dtype = _accumulate_dtype(compute_dtype)
@@ -69,7 +61,7 @@ def _sweep(x, weight, bias, token_ids, chunk_rows, compute_dtype, need_x, need_w
         if need_x:
             soft_w[rows] = pc @ w
         if need_w:
-            _add_matmul(soft_x, pc.t(), xc)
+            soft_x.addmm_(pc.t(), xc)
     return lse, token_logits, [soft_w, soft_x, soft_sum]
 
 
@@ -113,9 +105,10 @@ class _FusedHeadLogSumExp(torch.autograd.Function):
             common = g_lse.median() if len(g_lse) else g_lse.new_zeros(())
             grad_x = g_lse[:, None] * soft_w if need_x else None
             grad_w = soft_x.to(acc_dtype).mul_(common) if need_w else None  # fp32 compute: in place, no copy
+            del soft_x  # under AMP its 16-bit [V, W] buffer would otherwise stay beside grad_w to the end
             grad_b = soft_sum.mul_(common) if need_b else None
-            if need_w or need_b:  # exact correction for the rows whose dlse differs from the common one
-                odd = (g_lse != common).nonzero().squeeze(1)
+            odd = (g_lse != common).nonzero().squeeze(1) if need_w or need_b else ()
+            if len(odd):  # exact correction for the rows whose dlse differs from the common one
                 w, b = weight.to(compute_dtype), bias.to(compute_dtype)
                 for start in range(0, len(odd), chunk_rows):
                     rows = odd[start:start + chunk_rows]
@@ -123,8 +116,8 @@ class _FusedHeadLogSumExp(torch.autograd.Function):
                     p = _softmax_rows(xc, w, b, acc_dtype)[0].mul_((g_lse[rows] - common)[:, None])
                     if need_b:
                         grad_b += p.sum(dim=0)
-                    if need_w:
-                        _add_matmul(grad_w, p.to(compute_dtype).t(), xc)
+                    if need_w:  # in the accumulation dtype: no [V, W] temporaries under AMP
+                        grad_w.addmm_(p.t(), xc.to(acc_dtype))
             # the token logits' part: grad_z[i, ids[i, l]] += g_tok[i, l]
             if need_x:
                 grad_x += F.embedding_bag(token_ids, weight.to(acc_dtype), mode="sum", per_sample_weights=g_tok)
