@@ -103,6 +103,22 @@ def test_chunked_and_dense_outputs_agree(tiny_model):
     torch.testing.assert_close(losses["dense"], losses["chunked"], rtol=1e-5, atol=1e-5)
 
 
+def test_auto_loss_impl_follows_the_measured_crossover(tiny_model):
+    from open_clip_superclip.model import CPU_AUTOCAST_CHUNKED_MIN_ROWS, auto_class_loss_impl
+    cpu, rows = torch.device("cpu"), CPU_AUTOCAST_CHUNKED_MIN_ROWS
+    assert auto_class_loss_impl(torch.device("cuda"), 4096) == "dense"
+    assert auto_class_loss_impl(cpu, 4) == auto_class_loss_impl(cpu, rows) == "chunked"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert auto_class_loss_impl(cpu, rows - 1) == "dense" and auto_class_loss_impl(cpu, rows) == "chunked"
+    # through the model: the keys of the class outputs say which implementation ran
+    model = tiny_model.train()
+    assert model.class_loss_impl == "auto"
+    images, texts = torch.randn(2, 3, 64, 64), open_clip.get_tokenizer(TINY)(["a dog", "a cat"])
+    assert "class_logsumexp" in model(images, texts) and "class_logits" not in model(images, texts)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert "class_logits" in model(images, texts)
+
+
 def test_patch_dropout_mean_runs_over_kept_patches():
     model = open_clip.create_model(TINY, force_patch_dropout=0.5, output_dict=True).train()
     model.class_loss_impl = "dense"

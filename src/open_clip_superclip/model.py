@@ -19,11 +19,21 @@ _logger = logging.getLogger(__name__)
 
 CLASS_HEAD_PREFIXES = ("class_head.", "class_idf.")
 CLASS_LOSS_IMPLS = ("dense", "chunked")
-# The faster implementation per device type, measured by `make bench` (docs/benchmarks.md). 2-core CPU,
-# B=1024: the row-chunked kernel takes 0.93-1.06x dense's time (a tie within the machine's noise) for a quarter
-# of its memory; dense stays the default there. CUDA: only the earlier vocabulary-chunked kernel was measured
-# (H100: dense 6.3 ms vs 10.5 ms), so dense until the row-chunked one is measured on a GPU.
-DEFAULT_CLASS_LOSS_IMPL = {"cpu": "dense", "cuda": "dense"}
+# Below this many rows under 16-bit autocast, dense is the faster class loss on CPU; see auto_class_loss_impl.
+CPU_AUTOCAST_CHUNKED_MIN_ROWS = 256
+
+
+def auto_class_loss_impl(device: torch.device, rows: int) -> str:
+    """The faster implementation as measured by `make bench` (docs/benchmarks.md, 2-core CPU). CPU: chunked takes
+    0.81-0.95x dense's time in fp32 at every batch measured (16-1024 rows), and under bf16 autocast 0.76-0.90x from
+    256 rows up, but 0.99x at 128 and 1.09-1.16x at 16-64 (dense's 16-bit matmuls win while [B, V] is small).
+    CUDA: dense, until the row-chunked kernel is measured on a GPU (the earlier vocabulary-chunked one lost there:
+    H100 6.3 ms dense vs 10.5 ms)."""
+    if device.type != "cpu":
+        return "dense"
+    if torch.is_autocast_enabled("cpu") and rows < CPU_AUTOCAST_CHUNKED_MIN_ROWS:
+        return "dense"
+    return "chunked"
 
 
 @dataclass
@@ -119,9 +129,9 @@ class SuperCLIP(CLIP):
         features, _ = self.visual(image)
         return F.normalize(features, dim=-1) if normalize else features
 
-    def _resolve_loss_impl(self, device: torch.device) -> str:
+    def _resolve_loss_impl(self, device: torch.device, rows: int) -> str:
         if self.class_loss_impl == "auto":
-            return DEFAULT_CLASS_LOSS_IMPL.get(device.type, "dense")
+            return auto_class_loss_impl(device, rows)
         if self.class_loss_impl not in CLASS_LOSS_IMPLS:
             raise ValueError(f"class_loss_impl must be 'auto' or one of {CLASS_LOSS_IMPLS}, "
                              f"got {self.class_loss_impl!r}")
@@ -145,7 +155,7 @@ class SuperCLIP(CLIP):
         class_tokens = text if class_tokens is None else class_tokens
         out["class_tokens"] = class_tokens
         patch_mean = patch_tokens.mean(dim=1)
-        if self._resolve_loss_impl(patch_mean.device) == "dense":
+        if self._resolve_loss_impl(patch_mean.device, patch_mean.shape[0]) == "dense":
             out["class_logits"] = self.class_head(patch_mean)
         else:
             from .fused_head import fused_head_logsumexp
