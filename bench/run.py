@@ -2,13 +2,15 @@
 
 1. training step time SuperCLIP / CLIP, same towers and batch (fp32 and amp_bf16), and its two parts: forward +
    backward, and the AdamW update (which grows with the head's V x W parameters);
-2. class-loss peak memory chunked / dense at B=1024, V=49408 (CUDA: max_memory_allocated; CPU: the peak of the
-   CPU allocator's total in torch.profiler's allocation/free timeline, minus its starting level);
-3. class-loss forward+backward time chunked / dense;
+2. class-loss peak memory chunked / dense at B=1024 (or the --class-batch list), V=49408, fp32 and under bf16
+   autocast (CUDA: max_memory_allocated; CPU: the peak of the CPU allocator's total in torch.profiler's
+   allocation/free timeline, minus its starting level);
+3. class-loss forward+backward time chunked / dense, same batches and precisions;
 4. the IDF builder against the naive tokenizer loop (bench/bench_idf.py).
 """
 import argparse
 import datetime
+import itertools
 import os
 import platform
 import statistics
@@ -173,7 +175,7 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=None, help="step-time batch (16 on CPU, 256 on CUDA)")
     parser.add_argument("--precisions", default=None, help="comma list (CPU: fp32,amp_bf16; CUDA: amp_bf16)")
     parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--class-batch", type=int, default=1024)
+    parser.add_argument("--class-batch", default="1024", help="comma list of class-loss batch sizes")
     parser.add_argument("--idf-captions", type=int, default=200_000, help="0 skips the IDF builder benchmark")
     parser.add_argument("--sections", default="step,class-loss,idf", help="comma list of what to measure")
     parser.add_argument("--output", default=str(REPO / "docs" / "benchmarks.md"))
@@ -196,20 +198,21 @@ def main(argv=None):
             rows.append((f"{what} SuperCLIP / CLIP ({args.model}, batch {batch}, {precision})",
                          f"{superclip / clip:.4f}  ({superclip:.3f} s / {clip:.3f} s)"))
             print(rows[-1], flush=True)
-    # the class loss alone, in fp32 and in the precision a training run uses on this device
+    # the class loss alone, in fp32 and under bf16 autocast (what amp_bf16 training uses), at each batch asked for
     head_grad_mib = (49408 * width + 49408) * 4 / 2**20
-    class_loss_precisions = (("fp32", None), ("amp_bf16", torch.bfloat16)) if on_cuda else (("fp32", None),)
-    for label, dtype in class_loss_precisions if "class-loss" in sections else ():
-        memory = {impl: class_loss_peak_memory(impl, args.class_batch, width, device, dtype)
+    class_loss_precisions = (("fp32", None), ("amp_bf16", torch.bfloat16))
+    class_batches = [int(b) for b in args.class_batch.split(",")] if "class-loss" in sections else []
+    for class_batch, (label, dtype) in itertools.product(class_batches, class_loss_precisions):
+        memory = {impl: class_loss_peak_memory(impl, class_batch, width, device, dtype)
                   for impl in ("dense", "chunked")}
         extra = {impl: memory[impl] / 2**20 - head_grad_mib for impl in memory}
-        rows.append((f"class-loss peak memory chunked / dense (B={args.class_batch}, V=49408, W={width}, {label})",
+        rows.append((f"class-loss peak memory chunked / dense (B={class_batch}, V=49408, W={width}, {label})",
                      f"{memory['chunked'] / memory['dense']:.4f}  ({memory['chunked'] / 2**20:.0f} MiB / "
                      f"{memory['dense'] / 2**20:.0f} MiB; beyond the head's {head_grad_mib:.0f} MiB weight "
                      f"gradient: {extra['chunked'] / extra['dense']:.4f})"))
         print(rows[-1], flush=True)
-        times = class_loss_time(args.class_batch, width, device, repeats, 2 if on_cuda else 1, dtype)
-        rows.append((f"class-loss fwd+bwd time chunked / dense (B={args.class_batch}, {label})",
+        times = class_loss_time(class_batch, width, device, repeats, 2 if on_cuda else 1, dtype)
+        rows.append((f"class-loss fwd+bwd time chunked / dense (B={class_batch}, {label})",
                      f"{times['chunked'] / times['dense']:.4f}  ({times['chunked'] * 1e3:.1f} ms / "
                      f"{times['dense'] * 1e3:.1f} ms)"))
         print(rows[-1], flush=True)
