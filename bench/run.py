@@ -40,18 +40,25 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _interleaved_medians(fns, device, repeats, warmup):
-    """Alternates the candidates step by step so machine noise hits them alike."""
+def _interleaved_medians(fns, repeats, warmup):
+    """Alternates the candidates step by step so machine noise hits them alike. Each fn times itself and returns
+    {phase: seconds}; the result is {candidate: {phase: median seconds}}."""
     samples = {name: [] for name in fns}
     for i in range(warmup + repeats):
         for name, fn in fns.items():
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
+            timing = fn()
             if i >= warmup:
-                samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}
+                samples[name].append(timing)
+    return {name: {phase: statistics.median(t[phase] for t in values) for phase in values[0]}
+            for name, values in samples.items()}
+
+
+def _timed(fn, device):
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return {"total": time.perf_counter() - start}
 
 
 def _tokens(batch, device):
@@ -75,7 +82,7 @@ def step_time_ratio(model_name, batch, precision, device, repeats, warmup):
     dtype = torch.bfloat16 if precision == "amp_bf16" else None
 
     def step(name):
-        """Seconds of (forward + backward, whole step with the AdamW update) of one training step."""
+        """Seconds of one training step, of its forward + backward, and of its AdamW update."""
         _sync(device)
         start = time.perf_counter()
         optimizers[name].zero_grad(set_to_none=True)
@@ -87,19 +94,10 @@ def step_time_ratio(model_name, batch, precision, device, repeats, warmup):
         backward_done = time.perf_counter()
         optimizers[name].step()
         _sync(device)
-        return backward_done - start, time.perf_counter() - start
+        end = time.perf_counter()
+        return {"step": end - start, "forward+backward": backward_done - start, "optimizer": end - backward_done}
 
-    # candidates alternate step by step so machine noise hits them alike
-    samples = {name: [] for name in models}
-    for i in range(warmup + repeats):
-        for name in models:
-            timing = step(name)
-            if i >= warmup:
-                samples[name].append(timing)
-    return {name: {"step": statistics.median(t[1] for t in values),
-                   "forward+backward": statistics.median(t[0] for t in values),
-                   "optimizer": statistics.median(t[1] - t[0] for t in values)}
-            for name, values in samples.items()}
+    return _interleaved_medians({name: (lambda name=name: step(name)) for name in models}, repeats, warmup)
 
 
 def _class_loss_inputs(batch, width, device):
@@ -145,9 +143,10 @@ def class_loss_peak_memory(impl, batch, width, device, autocast_dtype=None):
 def class_loss_time(batch, width, device, repeats, warmup, autocast_dtype=None):
     head, features, tokens = _class_loss_inputs(batch, width, device)
     loss = ClassificationAugmentedLoss(ClipLoss(), 1.0, idf="none")
-    fns = {impl: (lambda impl=impl: _class_loss_step(impl, head, features, tokens, loss, autocast_dtype))
+    fns = {impl: (lambda impl=impl: _timed(lambda: _class_loss_step(impl, head, features, tokens, loss,
+                                                                     autocast_dtype), device))
            for impl in ("dense", "chunked")}
-    return _interleaved_medians(fns, device, repeats, warmup)
+    return {impl: phases["total"] for impl, phases in _interleaved_medians(fns, repeats, warmup).items()}
 
 
 def idf_rows(n_captions):
