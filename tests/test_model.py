@@ -4,9 +4,11 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from open_clip.loss import ClipLoss
 from open_clip.model import CLIP
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from open_clip_superclip import SuperCLIP, list_superclip_models, to_stock_state_dict
+from open_clip_superclip import ClassificationAugmentedLoss, SuperCLIP, list_superclip_models, to_stock_state_dict
 from open_clip_superclip.model import ClassHead, check_head_attachable
 
 from conftest import TINY
@@ -90,8 +92,6 @@ def test_cls_branch_equals_stock_clip_on_same_weights(tiny_model):
 
 
 def test_chunked_and_dense_outputs_agree(tiny_model):
-    from open_clip_superclip import ClassificationAugmentedLoss
-    from open_clip.loss import ClipLoss
     model = tiny_model.train()
     images = torch.randn(4, 3, 64, 64)
     texts = open_clip.get_tokenizer(TINY)(["a dog", "a cat on a mat", "", "a red car"])
@@ -118,6 +118,43 @@ def test_auto_loss_impl_follows_the_measured_crossover(tiny_model):
     assert "class_logsumexp" in out and "class_logits" not in out
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert "class_logits" in model(images, texts)
+
+
+class _HostReads(TorchDispatchMode):
+    """Records the ops that make CUDA wait for the GPU: reading a value (item, bool(), tolist), ops whose output
+    size depends on the data (nonzero, unique, boolean-mask indexing), value comparisons returning a bool."""
+    DATA_DEPENDENT = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive",
+                      "repeat_interleave", "bincount", "equal", "is_nonzero"}
+
+    def __init__(self):
+        super().__init__()
+        self.found = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        mask_index = name in ("index", "index_put", "index_put_") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ()))
+        if name in self.DATA_DEPENDENT or mask_index:
+            self.found.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("idf", ["online", "online-on-commit", "none", "fixed"])
+def test_cuda_default_training_step_never_waits_for_the_gpu(tiny_model, idf):
+    """On CUDA `auto` runs dense; its forward, class loss and backward must not read device values on the host
+    (a sync per step stalls the GPU's queue). Checked on CPU through the ops dispatched."""
+    model = tiny_model.train()
+    model.class_loss_impl = "dense"
+    kwargs = {"online": {"statistics": model.class_idf},
+              "online-on-commit": {"statistics": model.class_idf, "statistics_update": "on_commit"},
+              "none": {"idf": "none"}, "fixed": {"idf_weights": torch.rand(49408, dtype=torch.float64)}}[idf]
+    loss = ClassificationAugmentedLoss(ClipLoss(), 1.0, **kwargs)
+    images, texts = torch.randn(3, 3, 64, 64), open_clip.get_tokenizer(TINY)(["a dog", "a cat on a mat", ""])
+    with _HostReads() as reads:
+        losses = loss(**model(images, texts), output_dict=True)
+        sum(losses.values()).backward()
+    assert reads.found == []
+    assert model.class_head.proj.weight.grad.abs().sum() > 0  # the class loss did take part
 
 
 def test_patch_dropout_mean_runs_over_kept_patches():
