@@ -197,6 +197,12 @@ def main(argv=None):
             rows.append((f"{what} SuperCLIP / CLIP ({args.model}, batch {batch}, {precision})",
                          f"{superclip / clip:.4f}  ({superclip:.3f} s / {clip:.3f} s)"))
             print(rows[-1], flush=True)
+        # Paid whatever the class loss does: with forward+backward at parity, the step ratio is 1 + this share.
+        extra_update = medians["SuperCLIP"]["optimizer"] - medians["CLIP"]["optimizer"]
+        rows.append((f"  the head's AdamW update alone / CLIP step ({precision})",
+                     f"{extra_update / medians['CLIP']['step']:.4f}  ({extra_update:+.3f} s of "
+                     f"{medians['CLIP']['step']:.3f} s)"))
+        print(rows[-1], flush=True)
     # the class loss alone, in fp32 and under bf16 autocast (what amp_bf16 training uses), at each batch asked for
     head_grad_mib = (49408 * width + 49408) * 4 / 2**20
     class_loss_precisions = (("fp32", None), ("amp_bf16", torch.bfloat16))
