@@ -5,7 +5,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .
 python3 -m pip install -q --no-index --no-deps --no-build-isolation . 2>&1 | tail -2
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-python3 bench/run.py --device cuda --idf-captions 0 --output "$OUT/bench_gpu.md" 2>&1 | grep -v Warning | tail -15
+python3 bench/run.py --device cuda --idf-captions 0 --fused-head-update --output "$OUT/bench_gpu.md" 2>&1 | grep -v Warning | tail -15
 python3 - <<'PY'
 import sys; sys.path.insert(0, "tests")
 from pathlib import Path

@@ -1,7 +1,8 @@
 """`make bench`: SuperCLIP's costs as ratios measured side by side in one run (medians, warm-up excluded).
 
 1. training step time SuperCLIP / CLIP, same towers and batch (fp32 and amp_bf16), and its two parts: forward +
-   backward, and the AdamW update (which grows with the head's V x W parameters);
+   backward, and the AdamW update (which grows with the head's V x W parameters, not with the batch); with
+   --fused-head-update also SuperCLIP whose head weight is in a fused AdamW group (an experiment);
 2. class-loss peak memory chunked / dense at B=1024 (or the --class-batch list), V=49408, fp32 and under bf16
    autocast (CUDA: max_memory_allocated; CPU: the peak of the CPU allocator's total in torch.profiler's
    allocation/free timeline, minus its starting level);
