@@ -67,6 +67,9 @@ def _tokens(batch, device):
     return tokenizer([CAPTIONS[i % len(CAPTIONS)] for i in range(batch)]).to(device)
 
 
+FUSED_HEAD = "SuperCLIP, head weight in a fused AdamW group"
+
+
 def step_time_ratio(model_name, batch, precision, device, repeats, warmup, fused_head_update=False):
     torch.manual_seed(0)
     superclip = open_clip.create_model(model_name, output_dict=True, device=device)
@@ -108,9 +111,6 @@ def step_time_ratio(model_name, batch, precision, device, repeats, warmup, fused
         return {"step": end - start, "forward+backward": backward_done - start, "optimizer": end - backward_done}
 
     return _interleaved_medians({name: (lambda name=name: step(name)) for name in models}, repeats, warmup)
-
-
-FUSED_HEAD = "SuperCLIP, head weight in a fused AdamW group"
 
 
 def _class_loss_inputs(batch, width, device):
