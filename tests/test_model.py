@@ -121,14 +121,21 @@ def test_auto_loss_impl_follows_the_measured_crossover(tiny_model):
 
 
 class _HostReads(TorchDispatchMode):
-    """Records the ops that make CUDA wait for the GPU: reading a value (item, bool(), tolist), ops whose output
-    size depends on the data (nonzero, unique, boolean-mask indexing), value comparisons returning a bool."""
+    """Records the ops that make CUDA wait for the GPU: reading a value (item, bool()), ops whose output size
+    depends on the data (nonzero, unique, boolean-mask indexing), value comparisons returning a bool. On CPU,
+    tolist() and numpy() read memory without dispatching an op: the test wraps them with `record_call`."""
     DATA_DEPENDENT = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive",
                       "repeat_interleave", "bincount", "equal", "is_nonzero"}
 
     def __init__(self):
         super().__init__()
         self.found = []
+
+    def record_call(self, name, method):
+        def recorded(tensor, *args, **kwargs):
+            self.found.append(name)
+            return method(tensor, *args, **kwargs)
+        return recorded
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
@@ -140,7 +147,7 @@ class _HostReads(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("idf", ["online", "online-on-commit", "none", "fixed"])
-def test_cuda_default_training_step_never_waits_for_the_gpu(tiny_model, idf):
+def test_cuda_default_training_step_never_waits_for_the_gpu(tiny_model, idf, monkeypatch):
     """On CUDA `auto` runs dense; its forward, class loss and backward must not read device values on the host
     (a sync per step stalls the GPU's queue). Checked on CPU through the ops dispatched."""
     model = tiny_model.train()
@@ -150,7 +157,10 @@ def test_cuda_default_training_step_never_waits_for_the_gpu(tiny_model, idf):
               "none": {"idf": "none"}, "fixed": {"idf_weights": torch.rand(49408, dtype=torch.float64)}}[idf]
     loss = ClassificationAugmentedLoss(ClipLoss(), 1.0, **kwargs)
     images, texts = torch.randn(3, 3, 64, 64), open_clip.get_tokenizer(TINY)(["a dog", "a cat on a mat", ""])
-    with _HostReads() as reads:
+    reads = _HostReads()
+    for name in ("tolist", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, reads.record_call(name, getattr(torch.Tensor, name)))
+    with reads:
         losses = loss(**model(images, texts), output_dict=True)
         sum(losses.values()).backward()
     assert reads.found == []
