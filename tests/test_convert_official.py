@@ -73,7 +73,9 @@ def test_round_trip_gives_the_same_model_and_class_loss(ours, tmp_path, fmt):
         source = tmp_path / "official.safetensors"
         save_file({k: v.contiguous() for k, v in official.items()}, source)
 
-    assert convert_official_main([str(source), str(out), "--model", TINY, "--global-batch-size", str(G)]) == 0
+    # --keep-token-0-count: the exact round trip (by default the count of id 0 is reset, tested below)
+    assert convert_official_main([str(source), str(out), "--model", TINY, "--global-batch-size", str(G),
+                                  "--keep-token-0-count"]) == 0
     converted = open_clip.create_model(TINY, pretrained=str(out), output_dict=True)  # a strict load
     torch.testing.assert_close(converted.class_idf.doc_freq, ours.class_idf.doc_freq, rtol=1e-12, atol=0)
     assert converted.class_idf.doc_freq.dtype == torch.float64
@@ -88,11 +90,37 @@ def test_statistics_are_scaled_by_the_global_batch_size(ours, tmp_path, capsys):
     source = tmp_path / "official.pt"
     torch.save(official_layout(ours.state_dict()), source)
     out = tmp_path / "converted.pt"
-    assert convert_official_main([str(source), str(out), "--model", TINY, "--global-batch-size", "16"]) == 0
+    assert convert_official_main([str(source), str(out), "--model", TINY, "--global-batch-size", "16",
+                                  "--keep-token-0-count"]) == 0
     assert "another global batch size" in capsys.readouterr().err  # 48-caption steps are not whole at G=16
     stats = torch.load(out, weights_only=True)
     assert float(stats["class_idf.num_captions"]) == pytest.approx(10 * 16)
     torch.testing.assert_close(stats["class_idf.doc_freq"], ours.class_idf.doc_freq * 16 / G)
+
+
+def test_token_0_counted_as_padding_is_reset_to_unseen_and_said(ours, tmp_path, capsys):
+    """The official cap_fq[0] counts padding (nearly every caption): by default it becomes 0, every other count
+    stays; the note names the official count, and training then weights a real '!' like a token never seen."""
+    state = ours.state_dict()
+    state["class_idf.doc_freq"] = state["class_idf.doc_freq"].clone()
+    state["class_idf.doc_freq"][0] = 10 * G - 3  # padded: all but 3 captions
+    source, out = tmp_path / "official.pt", tmp_path / "converted.pt"
+    torch.save(official_layout(state), source)
+    assert convert_official_main([str(source), str(out), "--model", TINY, "--global-batch-size", str(G)]) == 0
+    err = capsys.readouterr().err
+    assert f"token id 0 ('!'): the official cap_fq counts padding there ({10 * G - 3} of {10 * G} captions" in err
+    assert "set to 0" in err and "--keep-token-0-count" in err
+    converted = torch.load(out, weights_only=True)["class_idf.doc_freq"]
+    assert converted[0] == 0
+    torch.testing.assert_close(converted[1:], state["class_idf.doc_freq"][1:], rtol=1e-12, atol=0)
+    model = open_clip.create_model(TINY, pretrained=str(out), output_dict=True)
+    caption = 'so cute!~'  # '!~' is one BPE word with no merge: "!" (id 0, the padding id) + '~</w>'
+    assert 0 in open_clip.get_tokenizer(TINY)([caption])[0, 1:6].tolist()
+    loss = ClassificationAugmentedLoss(ClipLoss(), statistics=model.class_idf, statistics_update="on_commit")
+    ids, targets, _ = loss.class_targets(open_clip.get_tokenizer(TINY)([caption]))
+    weights = dict(zip(ids[0].tolist(), targets[0].tolist()))
+    # N + 1 captions with this one: "!" is now the rarest token of the caption, not a weight-0 one
+    assert weights[0] > 0 and weights[0] == max(weights.values())
 
 
 def _with(state, **changes):

@@ -21,6 +21,7 @@ from .model import to_stock_state_dict
 from .registry import list_superclip_models, superclip_config
 
 OFFICIAL_GLOBAL_BATCH_SIZE = 16384  # the official recipe (SPEC.md section 1)
+PADDING_TOKEN_ID = 0  # open_clip's padding id, also the real token "!"
 OFFICIAL_MODEL_BY_VISUAL_WIDTH = {768: "SuperCLIP-ViT-B-16", 1024: "SuperCLIP-ViT-L-16"}
 EXPORT_CONFIG_NAME = "open_clip_config.json"
 SCHEMA_PREFIXES = ("local-dir:", "hf-hub:")  # open_clip model names whose weights come with the name
@@ -286,7 +287,24 @@ def infer_official_model(state_dict: dict) -> str:
     return OFFICIAL_MODEL_BY_VISUAL_WIDTH[width]
 
 
-def _convert_statistics(converted: dict, global_batch_size: int) -> None:
+def _unseen_token_0(doc_freq, num_captions) -> str:
+    """Resets the count of token id 0 and says so.
+
+    The official code counts every id of the padded 77-token caption, so its count for id 0 is the captions
+    with padding (nearly all) or a real "!": kept, "!" would get weight log((N+1)/(N+1)) ~ 0 forever, a token
+    our statistics never learn again. No count of the real "!" can be recovered from it. The least wrong estimate
+    is what the official run itself had for every token it never saw: unseen (0); online training counts real
+    "!" from then on. SOT/EOT, also counted in every caption there, never enter our targets.
+    """
+    official = float(doc_freq[PADDING_TOKEN_ID])
+    doc_freq[PADDING_TOKEN_ID] = 0.0
+    share = official / float(num_captions) if float(num_captions) > 0 else 0.0
+    return (f"note: token id 0 ('!'): the official cap_fq counts padding there ({official:.0f} of "
+            f"{float(num_captions):.0f} captions, {100 * share:.1f}%); set to 0, i.e. unseen: its IDF weight starts "
+            f"at log(N + 1) and online training counts real '!' from here on (--keep-token-0-count keeps it)")
+
+
+def _convert_statistics(converted: dict, global_batch_size: int, keep_token_0: bool) -> None:
     """Official statistics are per-step FRACTIONS of the global batch; ours are caption counts."""
     import torch
     doc_freq = converted["class_idf.doc_freq"].to(torch.float64) * global_batch_size
@@ -304,13 +322,19 @@ def _convert_statistics(converted: dict, global_batch_size: int) -> None:
         print(f"warning: cap_fq * {global_batch_size} is not a whole number of captions (off by up to "
               f"{off_integer:.3g}): was the model trained with another global batch size? "
               f"(--global-batch-size)", file=sys.stderr)
+    if not keep_token_0:
+        print(_unseen_token_0(doc_freq, num_captions), file=sys.stderr)
     converted["class_idf.doc_freq"] = doc_freq
     converted["class_idf.num_captions"] = num_captions
 
 
 def convert_official_state_dict(state_dict: dict, model_name: Optional[str] = None,
-                                global_batch_size: int = OFFICIAL_GLOBAL_BATCH_SIZE) -> tuple[str, dict]:
-    """(model name, our state dict) from an official state dict; every key accounted for or a CheckpointError."""
+                                global_batch_size: int = OFFICIAL_GLOBAL_BATCH_SIZE,
+                                keep_token_0: bool = False) -> tuple[str, dict]:
+    """(model name, our state dict) from an official state dict; every key accounted for or a CheckpointError.
+
+    The IDF count of token id 0 is reset to 0 (see _unseen_token_0) unless ``keep_token_0``.
+    """
     import torch
 
     if not (isinstance(global_batch_size, int) and global_batch_size > 0):
@@ -353,18 +377,19 @@ def convert_official_state_dict(state_dict: dict, model_name: Optional[str] = No
                    for k, v in expected.items() if converted[k].shape != v.shape]
     if wrong_shape:
         raise CheckpointError(f"tensor shapes do not fit {model_name}: {wrong_shape}")
-    _convert_statistics(converted, global_batch_size)
+    _convert_statistics(converted, global_batch_size, keep_token_0)
     return model_name, {k: converted[k].detach().to(v.dtype).contiguous() for k, v in expected.items()}
 
 
 def convert_official(checkpoint, out, model_name: Optional[str] = None,
-                     global_batch_size: int = OFFICIAL_GLOBAL_BATCH_SIZE, force: bool = False) -> str:
+                     global_batch_size: int = OFFICIAL_GLOBAL_BATCH_SIZE, force: bool = False,
+                     keep_token_0: bool = False) -> str:
     """Writes our state dict for an official checkpoint to ``out`` (bare state dict; .safetensors by suffix)."""
     out = Path(out)
     if out.exists() and not force:
         raise CheckpointError(f"{out} exists (use --force to replace it)")
     model_name, state_dict = convert_official_state_dict(load_checkpoint_state_dict(checkpoint), model_name,
-                                                         global_batch_size)
+                                                         global_batch_size, keep_token_0)
     _save_state_dict(state_dict, out)
     return model_name
 
@@ -383,10 +408,14 @@ def convert_official_main(argv=None) -> int:
     parser.add_argument("--global-batch-size", type=int, default=OFFICIAL_GLOBAL_BATCH_SIZE,
                         help="global batch size the official run trained with: its IDF statistics are per-step "
                              f"fractions of it (default {OFFICIAL_GLOBAL_BATCH_SIZE}, the official recipe)")
+    parser.add_argument("--keep-token-0-count", action="store_true",
+                        help="keep the official IDF count of token id 0 ('!'), which counts padding: by default it "
+                             "is reset to 0 (unseen), since kept it gives '!' a weight of ~0 forever")
     parser.add_argument("--force", action="store_true", help="replace an existing output file")
     args = parser.parse_args(argv)
     try:
-        model_name = convert_official(args.checkpoint, args.out, args.model, args.global_batch_size, args.force)
+        model_name = convert_official(args.checkpoint, args.out, args.model, args.global_batch_size, args.force,
+                                      args.keep_token_0_count)
     except CheckpointError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

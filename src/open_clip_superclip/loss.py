@@ -35,9 +35,17 @@ class ClassificationAugmentedLoss(nn.Module):
 
     IDF modes: ``online`` (running counts over the stream, this batch included, summed over ranks),
     ``none`` (uniform weights), or fixed weights given as ``idf_weights``.
-    ``statistics_update='on_commit'`` holds a batch's counts until `commit_statistics` (the trainer calls it
-    after each optimizer step), so gradient accumulation counts each caption once and weights stay those of the
-    whole accumulated batch.
+
+    ``statistics_update`` says when ``online`` counts join the running statistics:
+    - ``per_call`` (default): every call counts its captions. Right for a loop that calls the loss once per
+      optimizer step.
+    - ``on_commit``: counts wait until `commit_statistics()` (call it after each optimizer step; the trainer
+      does), so a step the optimizer skips can drop them (`discard_pending_statistics()`). Several calls before
+      a commit are safe: a call whose class tokens equal the previous call's is a re-run of the same batch and
+      adds nothing (open_clip_train's ``--accum-freq`` re-runs the loss on the whole accumulated batch once per
+      micro-batch); a call with other captions (a loop calling the loss once per micro-batch) adds its counts.
+      Weights always include every caption counted so far, the pending ones too. The check runs on the device:
+      no host sync.
     """
 
     def __init__(
@@ -69,18 +77,26 @@ class ClassificationAugmentedLoss(nn.Module):
         self.sot_token_id = sot_token_id
         self.eot_token_id = eot_token_id
         self.statistics_update = statistics_update
-        self._pending = None
+        self._pending = None  # on_commit: (doc freq [V], captions [1]) summed over ranks, not yet committed
+        self._pending_tokens = None  # this rank's class tokens of the last call since the last commit
 
     def commit_statistics(self) -> None:
-        """Adds the counts of the last batch to the running statistics (``on_commit`` mode)."""
+        """Adds the counts held since the last commit to the running statistics (``on_commit`` mode)."""
         if self._pending is not None:
             self.statistics.add_(*self._pending)
-            self._pending = None
+        self.discard_pending_statistics()
 
     def discard_pending_statistics(self) -> None:
-        self._pending = None
+        self._pending = self._pending_tokens = None
 
-    def _token_weights(self, ids: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    def _new_on_this_rank(self, tokens: torch.Tensor) -> torch.Tensor:
+        """0 if ``tokens`` repeat the last call's since the last commit (a re-run of that batch), else 1."""
+        last, self._pending_tokens = self._pending_tokens, tokens.detach()
+        if last is None or last.shape != tokens.shape or last.device != tokens.device:
+            return torch.ones((), dtype=torch.float64, device=tokens.device)
+        return (last != tokens).any().to(torch.float64)
+
+    def _token_weights(self, ids: torch.Tensor, present: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         if self.idf == "none":
             return torch.ones_like(ids, dtype=torch.float64)
         if self.idf == "fixed":
@@ -89,13 +105,18 @@ class ClassificationAugmentedLoss(nn.Module):
             return self.fixed_idf_weights[ids]
         batch_df = batch_document_frequency(ids, present, self.vocab_size)
         batch_n = torch.full((1,), float(ids.shape[0]), dtype=torch.float64, device=ids.device)  # no H2D copy
-        counts = _all_reduce_sum(torch.cat([batch_df, batch_n]))
+        counts = torch.cat([batch_df, batch_n])
+        if self.statistics_update == "on_commit":
+            counts = counts * self._new_on_this_rank(tokens)  # before the all-reduce: each rank decides for itself
+        counts = _all_reduce_sum(counts)
         batch_df, batch_n = counts[:-1], counts[-1]
         stats = self.statistics
         if self.statistics_update == "per_call":
             stats.add_(batch_df, batch_n)
             weights = idf_weights(stats.doc_freq, stats.num_captions)
         else:
+            if self._pending is not None:
+                batch_df, batch_n = self._pending[0] + batch_df, self._pending[1] + batch_n
             self._pending = (batch_df, batch_n)
             weights = idf_weights(stats.doc_freq.to(batch_df) + batch_df, stats.num_captions.to(batch_n) + batch_n)
         return weights[ids]
@@ -104,7 +125,7 @@ class ClassificationAugmentedLoss(nn.Module):
         """Sorted distinct token ids [B, L], their target probabilities [B, L] (float64), the sort order."""
         ids, present, order = distinct_caption_tokens(
             class_tokens, self.sot_token_id, self.eot_token_id, self.vocab_size)
-        weights = self._token_weights(ids, present) * present
+        weights = self._token_weights(ids, present, class_tokens) * present
         total = weights.sum(dim=1, keepdim=True)
         targets = torch.where(total > 0, weights / total.clamp_min(torch.finfo(total.dtype).tiny),
                               torch.zeros_like(weights))
