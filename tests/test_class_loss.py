@@ -124,6 +124,43 @@ def test_fp32_under_autocast_and_large_logits():
     assert out["class_loss"].dtype == torch.float32 and torch.isfinite(out["class_loss"])
 
 
+def _bf16_exact_head(batch, width=8, seed=0):
+    """Features, weight and bias whose head logits are exact in bf16 (and so in any matmul kernel's rounding):
+    entries are multiples of 1/8 with |logit| <= 8 * 2 + 2 = 18, i.e. at most 144 units of 1/8, and bf16 holds
+    every integer up to 256. The float64 product is then the very logit the bf16 head produces."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randint(-1, 2, (batch, width), generator=generator).float()
+    w = torch.randint(-16, 17, (V, width), generator=generator).float() / 8
+    b = torch.randint(-16, 17, (V,), generator=generator).float() / 8
+    return x, w, b, x.double() @ w.double().t() + b.double()
+
+
+@pytest.mark.parametrize("impl", ["dense", "chunked"])
+def test_loss_on_bf16_logits_under_autocast_equals_float64_reference(impl):
+    """SPEC: the class loss is computed in fp32 even under AMP. Under bf16 autocast the head's logits are bf16
+    (dense: nn.Linear's output; chunked: the fused head's matmul); the loss on them must equal the float64
+    formula on the same logits to ~1e-6 relative. A log-softmax taken in bf16 and cast to fp32 afterwards is
+    off by ~5e-4 relative (each bf16 log-probability near -11 carries up to 0.03 of rounding)."""
+    from open_clip_superclip.fused_head import fused_head_logsumexp
+    captions = CAPTIONS[0] + CAPTIONS[4]
+    tokens = SimpleTokenizer()(captions)
+    x, w, b, logits64 = _bf16_exact_head(len(captions))
+    (expected,), _, _ = reference_stream_losses([captions], [logits64])
+    loss = ClassificationAugmentedLoss(_ZeroContrastive(), 1.0, statistics=IDFStatistics())
+    feats = torch.zeros(len(captions), 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        if impl == "dense":
+            logits = torch.nn.functional.linear(x, w, b)
+            assert logits.dtype == torch.bfloat16 and torch.equal(logits.double(), logits64)
+            class_outputs = {"class_logits": logits}
+        else:
+            lse, token_logits = fused_head_logsumexp(x, w, b, tokens, chunk_rows=3)
+            class_outputs = {"class_logsumexp": lse, "class_token_logits": token_logits}
+        out = loss(feats, feats, torch.tensor(1.0), class_tokens=tokens, output_dict=True, **class_outputs)
+    assert out["class_loss"].dtype == torch.float32
+    assert out["class_loss"].item() == pytest.approx(expected, rel=1e-6, abs=0)
+
+
 def test_token_mask_is_between_sot_and_eot():
     tokens = SimpleTokenizer()(["hi !"], context_length=8)[0]
     mask = caption_token_mask(tokens[None], 49406, 49407)[0]
