@@ -12,7 +12,7 @@ import logging
 import os
 import shutil
 import tempfile
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -56,23 +56,30 @@ def atomic_save(obj, f, *args, **kwargs) -> None:
         shutil.rmtree(partial_dir, ignore_errors=True)
 
 
-def _is_resume_candidate(path: str) -> bool:
-    """Temporary files of interrupted writes and the stop checkpoints of the non-finite guard are not resumed."""
-    parts = path.replace("\\", "/").split("/")
+def _is_resume_candidate(below_root: str) -> bool:
+    """Temporary files of interrupted writes and the stop checkpoints of the non-finite guard are not resumed.
+
+    ``below_root`` is the path under the listed checkpoints folder: only its own components are judged, so a run
+    kept under ``~/.cache`` or ``/scratch/.exp`` resumes like any other.
+    """
+    parts = [part for part in below_root.replace("\\", "/").split("/") if part not in ("", ".")]
     return not (parts[-1] == STOCK_TEMP_NAME or parts[-1].startswith(STOP_CHECKPOINT_PREFIX)
-                or any(part.startswith(".") and part not in (".", "..") for part in parts))
+                or any(part.startswith(".") for part in parts))
 
 
-def _list_checkpoints(path: str, remote: bool) -> List[str]:
+def _list_checkpoints(path: str, remote: bool) -> List[Tuple[str, str]]:
+    """(the checkpoint as the trainer will load it, its path below ``path``) for every ``*.pt`` under ``path``."""
     if remote:
         import fsspec
         fs, root = fsspec.core.url_to_fs(path)
         root = root.rstrip("/")
-        return [path.rstrip("/") + found[len(root):] for found in fs.glob(root + "/**/*.pt")]  # as spelled in path
+        found = [found[len(root):].lstrip("/") for found in fs.glob(glob.escape(root) + "/**/*.pt")]
+        return [(path.rstrip("/") + "/" + below, below) for below in found]  # spelled as in path
     for leftover in glob.glob(os.path.join(glob.escape(path), f".*{PARTIAL_MARK}*")):
         _logger.info(f"--resume latest: removing {leftover}, left by a checkpoint write that was interrupted")
         shutil.rmtree(leftover, ignore_errors=True)
-    return glob.glob(os.path.join(glob.escape(path), "**", "*.pt"), recursive=True)
+    found = glob.glob(os.path.join(glob.escape(path), "**", "*.pt"), recursive=True)
+    return [(candidate, os.path.relpath(candidate, path)) for candidate in found]
 
 
 def latest_loadable_checkpoint(path: str, remote: bool, sort_key: Callable, load: Callable) -> Optional[str]:
@@ -81,7 +88,8 @@ def latest_loadable_checkpoint(path: str, remote: bool, sort_key: Callable, load
     Skips temporary files and, with a warning naming it, every newer checkpoint that does not load (truncated,
     unreadable). ``load`` is the trainer's own loader, so "loads" means what resuming will need.
     """
-    candidates = sorted(filter(_is_resume_candidate, _list_checkpoints(path, remote)), key=sort_key, reverse=True)
+    candidates = sorted((found for found, below in _list_checkpoints(path, remote) if _is_resume_candidate(below)),
+                        key=sort_key, reverse=True)
     for candidate in candidates:
         try:
             load(candidate)
