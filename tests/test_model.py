@@ -176,6 +176,32 @@ def test_patch_dropout_mean_runs_over_kept_patches():
     assert kept[0].shape[1] == 1 + 64 // 2
 
 
+@pytest.mark.parametrize("impl", ["dense", "chunked"])
+def test_patch_dropout_head_reads_the_mean_of_exactly_the_kept_tokens_after_ln_post(impl):
+    """SuperFLIP: the head's input is the mean of the kept patch tokens (CLS excluded) after ln_post, on both
+    class-loss paths. The kept set is read off PatchDropout's own output and checked to be distinct patch
+    tokens of its input; the reference then runs the rest of the tower on them by hand."""
+    model = open_clip.create_model(TINY, force_patch_dropout=0.5, output_dict=True).train()
+    model.class_loss_impl = impl
+    visual, seen = model.visual, {}
+    hooks = [visual.patch_dropout.register_forward_hook(lambda m, i, o: seen.update(all=i[0], kept=o)),
+             model.class_head.norm.register_forward_pre_hook(lambda m, i: seen.update(head_input=i[0]))]
+    images = torch.randn(3, 3, 64, 64)
+    out = model(images, open_clip.get_tokenizer(TINY)(["a dog", "a cat", "a red car"]))
+    for hook in hooks:
+        hook.remove()
+    assert ("class_logits" in out) == (impl == "dense")
+    everything, kept = seen["all"], seen["kept"]
+    assert everything.shape[1] == 1 + 64 and kept.shape[1] == 1 + 32  # 8 x 8 patches of 8 px, half kept
+    assert torch.equal(kept[:, 0], everything[:, 0])  # CLS always kept
+    for row in range(3):
+        match = (kept[row, 1:, None, :] == everything[row, None, 1:, :]).all(dim=-1)  # [kept, all patches]
+        assert match.sum(dim=1).tolist() == [1] * 32 and match.any(dim=0).sum() == 32  # 32 distinct patches
+    with torch.no_grad():
+        expected = visual.ln_post(visual.transformer(visual.ln_pre(kept)))[:, 1:].mean(dim=1)
+    torch.testing.assert_close(seen["head_input"], expected)
+
+
 def test_stock_checkpoint_loads_with_fresh_head_and_other_keys_strict(tmp_path, caplog):
     stock = open_clip.create_model("ViT-S-32")
     cfg = open_clip.get_model_config("ViT-S-32")
