@@ -1,4 +1,8 @@
 """Real short runs of the stock open_clip trainer with SuperCLIP (issue 3)."""
+import json
+import math
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -40,14 +44,82 @@ def test_command_forms_train_and_checkpoint(tmp_path, csv_data, launcher, nproc)
 @pytest.mark.parametrize("extra,check", [
     (["--precision", "amp_bf16"], None),
     (["--siglip"], "logit_bias"),
-    (["--force-patch-dropout", "0.5"], None),
-], ids=["amp_bf16", "SuperSigLIP", "SuperFLIP"])
+], ids=["amp_bf16", "SuperSigLIP"])
 def test_precisions_and_variants(tmp_path, csv_data, extra, check):
     _ok(run_trainer(base_args(csv_data, tmp_path) + extra))
     sd, steps = _assert_superclip_run(tmp_path)
     if check:
         assert sd["logit_bias"].item() == pytest.approx(-10, abs=0.1)
         assert sd["logit_scale"].item() == pytest.approx(2.3026, abs=0.1)
+
+
+def _probe_run(args, record, configs=None):
+    """run_trainer through tests/trainer_probe.py, which records what the trainer built into `record`."""
+    record.mkdir(parents=True, exist_ok=True)
+    env = {"SUPERCLIP_PROBE_DIR": str(record), **({"SUPERCLIP_PROBE_MODEL_CONFIGS": str(configs)} if configs else {})}
+    _ok(run_trainer(args, launcher=(str(Path(__file__).with_name("trainer_probe.py")),), env_extra=env))
+
+
+def test_superflip_run_trains_a_model_that_drops_half_the_patches(tmp_path, csv_data):
+    """--force-patch-dropout reaches the model the trainer builds: every training forward keeps CLS + 32 of
+    the 64 patch tokens (the head's use of exactly those is test_model's patch-dropout test)."""
+    _probe_run(base_args(csv_data, tmp_path / "logs") + ["--force-patch-dropout", "0.5"], tmp_path / "record")
+    _assert_superclip_run(tmp_path / "logs")
+    record = tmp_path / "record" / "patch_dropout.jsonl"  # absent if the model has no PatchDropout module
+    calls = [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
+    assert calls == [{"training": True, "prob": 0.5, "tokens_in": 65, "tokens_out": 33}] * 2  # 2 steps
+
+
+def _class_loss_reference(token_rows, logits):
+    """SPEC.md's class loss in float64 for a first batch (IDF counts = this batch's): tokens strictly between
+    SOT and EOT, w = log((N + 1) / (df + 1)), targets w / sum(w), mean of -sum(target * log_softmax)."""
+    sets = [set(row[1:row.index(49407)]) for row in token_rows.tolist()]
+    df = {}
+    for tokens in sets:
+        for t in tokens:
+            df[t] = df.get(t, 0) + 1
+    n, total = len(sets), 0.0
+    for tokens, row in zip(sets, logits.double()):
+        weights = {t: math.log((n + 1) / (df[t] + 1)) for t in tokens}
+        norm = sum(weights.values())
+        if norm > 0:
+            log_probs = torch.log_softmax(row, dim=0)
+            total -= sum(w / norm * log_probs[t].item() for t, w in weights.items())
+    return total / n
+
+
+def test_supersiglip_model_trains_with_siglip_loss_plus_lambda_class_loss_on_clip_bpe(tmp_path, csv_data):
+    """A SuperSigLIP-* model (a tiny one registered for the test: the name is what selects the loss and the
+    tokenizer) trains with open_clip's SigLipLoss inside ClassificationAugmentedLoss, without --siglip; the
+    first step's losses equal SigLIP's on the same features and lambda x the float64 class loss formula; the
+    captions are CLIP BPE tokens (the class vocabulary), not the SigLIP T5 tokenizer's."""
+    import open_clip
+    from open_clip.loss import SigLipLoss
+    from open_clip.tokenizer import SimpleTokenizer
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    config = dict(open_clip.get_model_config("SuperCLIP-ViT-Tiny"), init_logit_scale=math.log(10), init_logit_bias=-10.0)
+    (configs / "SuperSigLIP-ViT-Tiny.json").write_text(json.dumps(config))
+    args = base_args(csv_data, tmp_path / "logs", model="SuperSigLIP-ViT-Tiny") + [
+        "--superclip-lambda", "0.5", "--superclip-loss-impl", "dense"]
+    _probe_run(args, tmp_path / "record", configs)
+    sd, steps = _assert_superclip_run(tmp_path / "logs")
+    assert sd["logit_bias"].item() == pytest.approx(-10, abs=0.1)
+
+    call = torch.load(tmp_path / "record" / "loss_call_0.pt", weights_only=False)
+    assert call["contrastive_type"] == "open_clip.loss.SigLipLoss" and call["class_loss_weight"] == 0.5
+    inputs, losses = call["kwargs"], call["losses"]
+    assert call["prior"][1].item() == 0 and not call["prior"][0].any()  # the first call: no counts before it
+    tokens = inputs["class_tokens"]
+    captions = [line.split("\t")[1] for line in csv_data.read_text().splitlines()[1:]]
+    bpe_rows = {tuple(row) for row in SimpleTokenizer()(captions).tolist()}
+    assert tokens.shape == (8, 77) and all(tuple(row) in bpe_rows for row in tokens.tolist())
+    siglip = SigLipLoss()(inputs["image_features"], inputs["text_features"], inputs["logit_scale"],
+                          inputs["logit_bias"], output_dict=True)["contrastive_loss"]
+    assert losses["contrastive_loss"].item() == pytest.approx(siglip.item(), rel=1e-6)
+    assert losses["class_loss"].item() == pytest.approx(0.5 * _class_loss_reference(tokens, inputs["class_logits"]),
+                                                        rel=1e-5)
+    assert steps[0]["loss"] == pytest.approx(losses["contrastive_loss"].item() + losses["class_loss"].item(), rel=1e-4)
 
 
 def test_webdataset_shards(tmp_path):
