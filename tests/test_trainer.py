@@ -147,29 +147,54 @@ def test_ddp_two_processes_equal_one_process_on_the_same_global_batch(tmp_path, 
         torch.testing.assert_close(sd1[key], sd2[key], atol=1e-5, rtol=1e-5, msg=key)
 
 
-def test_accum_freq_equals_one_step_on_the_larger_batch(tmp_path, csv_data):
-    _ok(run_trainer(base_args(csv_data, tmp_path / "big", batch=8)))
-    _ok(run_trainer(base_args(csv_data, tmp_path / "acc", batch=4) + ["--accum-freq", "2"]))
-    sd_big, steps_big = _assert_superclip_run(tmp_path / "big")
-    sd_acc, steps_acc = _assert_superclip_run(tmp_path / "acc")
-    for key in ("class_loss", "contrastive_loss"):
-        assert [s[key] for s in steps_big] == pytest.approx([s[key] for s in steps_acc], abs=1e-5)
-    assert torch.equal(sd_big["class_idf.doc_freq"], sd_acc["class_idf.doc_freq"])
+@pytest.fixture(scope="module")
+def accum_runs(tmp_path_factory, csv_data):
+    """One optimizer step over the 16 samples: batch 16, and batch 8 with --accum-freq 2 under each class-loss
+    implementation. {label: (state dict, logged steps)}, shared by the two tests below.
 
-
-def test_loss_impl_flag_selects_the_chunked_kernel_with_the_same_training(tmp_path, csv_data):
-    """--superclip-loss-impl chunked reaches the model and trains as dense does (here with --accum-freq 2)."""
+    SGD, whose update is lr x the gradient, so the weights show the gradients themselves: AdamW's first update
+    is about lr x sign(gradient), blind to a gradient that is off by a factor. One step, because open_clip_train's
+    accumulation loop gives logit_scale K times its gradient (see the test below), which a second step would
+    spread to every weight."""
+    root = tmp_path_factory.mktemp("accum")
+    sgd = ["--opt", "timm/sgd", "--lr", "0.05", "--wd", "0", "--lr-scheduler", "const"]
     runs = {}
-    for impl in ("dense", "chunked"):
-        logs = tmp_path / impl
-        _ok(run_trainer(base_args(csv_data, logs, batch=4) + ["--accum-freq", "2", "--superclip-loss-impl", impl]))
-        assert f"class loss impl={impl}" in (logs / "run" / "out.log").read_text()
-        runs[impl] = _assert_superclip_run(logs)
-    (sd_dense, steps_dense), (sd_chunked, steps_chunked) = runs["dense"], runs["chunked"]
+    for label, batch, extra in (("big", N, ["--superclip-loss-impl", "chunked"]),
+                                ("accum-chunked", N // 2, ["--accum-freq", "2", "--superclip-loss-impl", "chunked"]),
+                                ("accum-dense", N // 2, ["--accum-freq", "2", "--superclip-loss-impl", "dense"])):
+        _ok(run_trainer(base_args(csv_data, root / label, batch=batch) + sgd + extra))
+        impl = extra[extra.index("--superclip-loss-impl") + 1]
+        assert f"class loss impl={impl}" in (root / label / "run" / "out.log").read_text()
+        sd = checkpoint(root / label)["state_dict"]
+        assert sd["class_idf.num_captions"].item() == N
+        runs[label] = (sd, logged_losses(root / label))
+    return runs
+
+
+def test_accum_freq_equals_one_step_on_the_larger_batch(accum_runs):
+    """Logged losses, IDF counts and the weights after the step (which no logged loss shows)."""
+    (sd_big, steps_big), (sd_acc, steps_acc) = accum_runs["big"], accum_runs["accum-chunked"]
+    assert len(steps_big) == len(steps_acc) == 1
+    for key in ("class_loss", "contrastive_loss"):
+        assert steps_acc[0][key] == pytest.approx(steps_big[0][key], abs=1e-5)
+    assert torch.equal(sd_big["class_idf.doc_freq"], sd_acc["class_idf.doc_freq"])
+    assert sd_big.keys() == sd_acc.keys()
+    for key in sd_big.keys() - {"logit_scale"}:
+        torch.testing.assert_close(sd_acc[key], sd_big[key], rtol=0, atol=1e-6, msg=key)
+    # stock open_clip_train: each of the K re-runs backpropagates the whole loss into logit_scale (it is not
+    # concatenated like the features), so its gradient is K times the large batch's: with SGD, twice the step
+    init = math.log(1 / 0.07)
+    assert sd_acc["logit_scale"].item() - init == pytest.approx(2 * (sd_big["logit_scale"].item() - init), rel=1e-3)
+
+
+def test_loss_impl_flag_selects_the_chunked_kernel_with_the_same_training(accum_runs):
+    """--superclip-loss-impl chunked reaches the model and trains as dense does (here with --accum-freq 2)."""
+    (sd_dense, steps_dense), (sd_chunked, steps_chunked) = accum_runs["accum-dense"], accum_runs["accum-chunked"]
     for key in ("class_loss", "contrastive_loss"):
         assert [s[key] for s in steps_chunked] == pytest.approx([s[key] for s in steps_dense], abs=1e-4)
-    torch.testing.assert_close(sd_chunked["class_head.proj.weight"], sd_dense["class_head.proj.weight"],
-                               rtol=1e-4, atol=1e-6)
+    assert sd_dense.keys() == sd_chunked.keys()
+    for key in sd_dense:
+        torch.testing.assert_close(sd_chunked[key], sd_dense[key], rtol=1e-4, atol=1e-6, msg=key)
 
 
 def test_resume_restores_statistics_and_matches_uninterrupted_run(tmp_path, csv_data):
