@@ -106,10 +106,23 @@ def test_max_images(data, tmp_path, capsys):
     assert "5 images" in capsys.readouterr().out
 
 
+def _whole_words_in_the_bpe_file():
+    """Counted from open_clip's BPE merges file, not through the tokenizer: the 49408 ids are 256 byte symbols,
+    the same 256 with "</w>" (word end), 49408 - 512 - 2 = 48894 merges (the file's lines after its header; each
+    merge's token is its two parts joined) and SOT/EOT. Whole words: "a</w>".."z</w>" (26) and the merged
+    tokens that are lowercase letters then "</w>"."""
+    import gzip
+    from open_clip.tokenizer import default_bpe
+    lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
+    merged = ["".join(line.split()) for line in lines[1:1 + 49408 - 2 * 256 - 2]]
+    return 26 + sum(1 for token in merged if token.endswith("</w>") and re.fullmatch("[a-z]+", token[:-4]))
+
+
 def test_vocabulary_whole_words():
     import open_clip
     tokenizer = open_clip.get_tokenizer(TINY)
     vocab = vocabulary_words(tokenizer)
+    assert _whole_words_in_the_bpe_file() == 32875  # 26 single letters + 32849 merged words
     assert len(vocab) == len(set(vocab)) == 32875
     assert all(re.fullmatch("[a-z]+", w) and tokenizer.encoder[w + "</w>"] for w in vocab)
     assert {"dog", "newspaper", "statue"} <= set(vocab)
