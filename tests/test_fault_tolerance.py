@@ -172,10 +172,10 @@ def _train(batches, guarded, accum_freq=1, use_scaler=False, max_bad_steps=20, t
 def _assert_same(run_a, run_b):
     (model_a, opt_a, _), (model_b, opt_b, _) = run_a, run_b
     sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
-    assert sd_a["class_idf.num_captions"] > 0
+    assert sd_a["class_idf.num_captions"] > 0 and sd_a.keys() == sd_b.keys()
     assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a), [k for k in sd_a if not torch.equal(sd_a[k], sd_b[k])]
     state_a, state_b = opt_a.state_dict()["state"], opt_b.state_dict()["state"]
-    assert state_a.keys() == state_b.keys()
+    assert state_a.keys() == state_b.keys() and all(state_a[p].keys() == state_b[p].keys() for p in state_a)
     assert all(torch.equal(state_a[p][k], state_b[p][k]) for p in state_a for k in state_a[p])
 
 
@@ -211,6 +211,7 @@ def test_too_many_consecutive_bad_steps_stop_with_the_last_good_state(monkeypatc
     saved = torch.load(tmp_path / f"{ft.STOP_CHECKPOINT_PREFIX}epoch_0_step_2.pt", weights_only=True)
     good = _train(batches[:1], guarded=False)
     assert saved["step"] == 2 and saved["epoch"] == 0
+    assert saved["state_dict"].keys() == good[0].state_dict().keys()
     assert all(torch.equal(v, good[0].state_dict()[k]) for k, v in saved["state_dict"].items())
 
 
@@ -303,7 +304,7 @@ def test_torchrun_nan_skip_on_one_rank_then_stop_then_resume_latest_finishes(tmp
     # skipped steps change nothing: the stop checkpoint is the state at the end of epoch 0 (step 1 only)
     first, stopped = _state_dict(ckpt / "epoch_1.pt"), _state_dict(stop)
     assert first["class_idf.num_captions"] == N // 2
-    assert all(torch.equal(v, first[k]) for k, v in stopped.items())
+    assert stopped.keys() == first.keys() and all(torch.equal(v, first[k]) for k, v in stopped.items())
 
     code, out = _run_to_end(args + ["--resume", "latest"], tmp_path, "resumed", nproc=2)
     assert code == 0, out[-3000:]

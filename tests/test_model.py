@@ -39,9 +39,11 @@ def test_siglip_variant_uses_clip_bpe_tokenizer_and_siglip_init():
     assert cfg["init_logit_bias"] == -10 and cfg["init_logit_scale"] == pytest.approx(2.302585, abs=1e-6)
 
 
+# LayerNorm(width) weight + bias, then Linear(width, 49408) weight + bias: 2 * width + 49408 * (width + 1)
 @pytest.mark.parametrize("width,params", [(768, 37_996_288), (1024, 50_645_248)])
 def test_head_sizes_match_the_paper(width, params):
     # 38.0M for B/16 (768 wide), 50.6M for L (1024 wide); create_model of the full models is checked in the note
+    assert params == 2 * width + 49408 * (width + 1)
     head = ClassHead(width, 49408)
     assert sum(p.numel() for p in head.parameters()) == params
     assert head.proj.bias.abs().sum() == 0
@@ -243,7 +245,9 @@ def test_local_dir_save_and_load(tmp_path, tiny_model):
     (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": open_clip.get_model_config(TINY)}))
     loaded = open_clip.create_model(f"local-dir:{folder}")
     assert type(loaded) is SuperCLIP
-    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), tiny_model.state_dict().values()))
+    saved = tiny_model.state_dict()
+    assert loaded.state_dict().keys() == saved.keys()
+    assert all(torch.equal(loaded.state_dict()[k], saved[k]) for k in saved)
     assert loaded.class_idf.doc_freq.dtype == torch.float64
 
 

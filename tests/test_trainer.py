@@ -143,6 +143,7 @@ def test_ddp_two_processes_equal_one_process_on_the_same_global_batch(tmp_path, 
     steps2 = logged_losses(tmp_path / "two")
     assert [s["contrastive_loss"] for s in steps1] == pytest.approx([s["contrastive_loss"] for s in steps2], abs=1e-5)
     assert torch.equal(sd1["class_idf.doc_freq"], sd2["class_idf.doc_freq"])
+    assert sd1.keys() == sd2.keys()
     for key in sd1:
         torch.testing.assert_close(sd1[key], sd2[key], atol=1e-5, rtol=1e-5, msg=key)
 
@@ -208,6 +209,7 @@ def test_resume_restores_statistics_and_matches_uninterrupted_run(tmp_path, csv_
     stopped = checkpoint(tmp_path, "stopped", 3)["state_dict"]
     assert straight["class_idf.num_captions"].item() == 3 * N
     assert torch.equal(straight["class_idf.doc_freq"], stopped["class_idf.doc_freq"])
+    assert straight.keys() == stopped.keys()
     for key in straight:  # the batch order differs (resume reseeds the loader): float summation order only
         torch.testing.assert_close(straight[key], stopped[key], atol=1e-5, rtol=1e-5, msg=key)
 
