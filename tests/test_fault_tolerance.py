@@ -166,17 +166,20 @@ def _train(batches, guarded, accum_freq=1, use_scaler=False, max_bad_steps=20, t
         checkpoint_path=str(tmp_path), name="t")
     one_epoch = train_main.train_one_epoch if guarded else train.train_one_epoch
     one_epoch(model, {"train": DataInfo(_Loader(batches))}, loss, 0, optimizer, scaler, None, None, args)
-    return model, optimizer, ft._guard if guarded else None
+    return model, optimizer, ft._guard if guarded else None, scaler
 
 
 def _assert_same(run_a, run_b):
-    (model_a, opt_a, _), (model_b, opt_b, _) = run_a, run_b
+    (model_a, opt_a, _, scaler_a), (model_b, opt_b, _, scaler_b) = run_a, run_b
     sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
     assert sd_a["class_idf.num_captions"] > 0 and sd_a.keys() == sd_b.keys()
     assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a), [k for k in sd_a if not torch.equal(sd_a[k], sd_b[k])]
     state_a, state_b = opt_a.state_dict()["state"], opt_b.state_dict()["state"]
     assert state_a.keys() == state_b.keys() and all(state_a[p].keys() == state_b[p].keys() for p in state_a)
     assert all(torch.equal(state_a[p][k], state_b[p][k]) for p in state_a for k in state_a[p])
+    assert (scaler_a is None) == (scaler_b is None)
+    if scaler_a is not None:  # scale and growth tracker: a skipped step leaves them as they were
+        assert scaler_a.state_dict() == scaler_b.state_dict()
 
 
 @pytest.mark.parametrize("accum_freq,use_scaler", [(1, False), (2, True)], ids=["plain", "accum2-gradscaler"])
@@ -186,18 +189,21 @@ def test_healthy_steps_are_bit_identical_with_the_guard(accum_freq, use_scaler):
                  _train(batches, guarded=False, accum_freq=accum_freq, use_scaler=use_scaler))
 
 
-@pytest.mark.parametrize("accum_freq,use_scaler", [(1, False), (2, True)], ids=["plain", "accum2-gradscaler"])
-def test_a_nan_class_loss_step_is_skipped_and_counted(monkeypatch, caplog, accum_freq, use_scaler):
-    # step 0 of 3 has a NaN class loss: the run must equal a stock run that never saw step 0's batches
-    # (same weights, same AdamW moments and step counts, same IDF statistics)
-    monkeypatch.setenv(ft.INJECT_ENV, "class_loss:0")
+@pytest.mark.parametrize("accum_freq,use_scaler,bad", [(1, False, 0), (2, True, 0), (2, True, 1)],
+                         ids=["plain", "accum2-gradscaler", "accum2-gradscaler-step1"])
+def test_a_nan_class_loss_step_is_skipped_and_counted(monkeypatch, caplog, accum_freq, use_scaler, bad):
+    # step `bad` of 3 has a NaN class loss: the run must equal a stock run that never saw that step's batches
+    # (same weights, same AdamW moments and step counts, same IDF statistics, same GradScaler scale and growth
+    # tracker: step 1, after the scaler has a scale, shows a skipped step leaves it alone)
+    monkeypatch.setenv(ft.INJECT_ENV, f"class_loss:{bad}")
     batches = _batches(3 * accum_freq)
     with caplog.at_level(logging.WARNING):
         guarded = _train(batches, guarded=True, accum_freq=accum_freq, use_scaler=use_scaler)
-    _assert_same(guarded, _train(batches[accum_freq:], guarded=False, accum_freq=accum_freq, use_scaler=use_scaler))
+    without_bad = batches[:bad * accum_freq] + batches[(bad + 1) * accum_freq:]
+    _assert_same(guarded, _train(without_bad, guarded=False, accum_freq=accum_freq, use_scaler=use_scaler))
     guard = guarded[2]
     assert (guard.total, guard.consecutive) == (1, 0)
-    assert "Non-finite loss at epoch 0 step 0: class_loss; step skipped" in caplog.text
+    assert f"Non-finite loss at epoch 0 step {bad}: class_loss; step skipped" in caplog.text
     assert "Epoch 0: 1 optimizer steps skipped for a non-finite loss" in caplog.text
 
 
@@ -213,6 +219,40 @@ def test_too_many_consecutive_bad_steps_stop_with_the_last_good_state(monkeypatc
     assert saved["step"] == 2 and saved["epoch"] == 0
     assert saved["state_dict"].keys() == good[0].state_dict().keys()
     assert all(torch.equal(v, good[0].state_dict()[k]) for k, v in saved["state_dict"].items())
+
+
+def test_max_bad_steps_0_stops_at_the_first_bad_step(monkeypatch, tmp_path):
+    monkeypatch.setenv(ft.INJECT_ENV, "class_loss:1")
+    batches = _batches(3)
+    with pytest.raises(ft.NonFiniteLossError, match=r"1 consecutive optimizer steps had a non-finite loss "
+                                                    r"\(class_loss; last at epoch 0 step 1\), more than "
+                                                    r"--superclip-max-bad-steps 0"):
+        _train(batches, guarded=True, max_bad_steps=0, tmp_path=tmp_path)
+    saved = torch.load(tmp_path / f"{ft.STOP_CHECKPOINT_PREFIX}epoch_0_step_1.pt", weights_only=True)
+    good = _train(batches[:1], guarded=False)[0].state_dict()
+    assert saved["state_dict"].keys() == good.keys()
+    assert all(torch.equal(v, good[k]) for k, v in saved["state_dict"].items())
+
+
+class _NoGuard:
+    def __init__(self, *args, **kwargs):
+        raise AssertionError("--superclip-max-bad-steps -1 built the non-finite loss guard")
+
+
+def test_max_bad_steps_minus_1_runs_the_stock_epoch_without_the_guard(monkeypatch):
+    """-1: no guard object (so no per-step flag all-reduce and host sync) and no skipping: a NaN batch reaches
+    the optimizer as in stock open_clip_train, and the weights turn NaN."""
+    monkeypatch.setattr(ft, "NonFiniteLossGuard", _NoGuard)
+    batches = _batches(2)
+    batches[1] = (torch.full_like(batches[1][0], float("nan")), batches[1][1])
+    model = _train(batches, guarded=True, max_bad_steps=-1)[0]
+    assert torch.isnan(model.class_head.proj.weight).all() and torch.isnan(model.visual.proj).all()
+
+
+@pytest.mark.parametrize("value", ["-1", "0"])
+def test_max_bad_steps_accepts_minus_1_and_0(value):
+    from open_clip_train.params import parse_args
+    assert parse_args(["--model", TINY, "--superclip-max-bad-steps", value]).superclip_max_bad_steps == int(value)
 
 
 def test_bad_injection_spec_is_a_clear_error():
