@@ -2,10 +2,28 @@
 import contextlib
 import io
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
+
+
+_URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def local_output_path(path, flag: str) -> str:
+    """The local path an output option names: a ``file://`` URL is its path; any other URL is refused.
+
+    The writers here work on local files only; ``os.path.abspath("s3://b/x")`` would quietly become ``./s3:/b/x``.
+    Raises ValueError naming the option and the URL.
+    """
+    text = os.fspath(path)
+    if text.startswith("file://"):
+        return text[len("file://"):]
+    if _URL_SCHEME.match(text):
+        raise ValueError(f"{flag} {text}: only local paths and file:// URLs can be written")
+    return text
 
 
 def _umask() -> int:

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .atomic import write_atomically
+from .atomic import local_output_path, write_atomically
 from .checkpoint import SCHEMA_PREFIXES, read_run_settings, superclip_counterpart
 
 TASKS = ("zeroshot_classification", "zeroshot_retrieval")
@@ -128,11 +128,13 @@ def _unique(names, what: str):
 def load_suite(path) -> tuple[list[Dataset], list[dict]]:
     """(datasets, model entries) of a suite file."""
     import yaml
-    path = Path(path)
+    given, path = os.fspath(path), Path(path)
     try:
         suite = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as error:
-        raise SuiteError(f"cannot read the suite {path}: {error}") from error
+    except OSError as error:
+        raise SuiteError(f"cannot read the suite {given}: {error.strerror or error}") from error
+    except yaml.YAMLError as error:
+        raise SuiteError(f"cannot read the suite {given}: {error}") from error
     if not isinstance(suite, dict) or not suite.get("datasets"):
         raise SuiteError(f"{path}: a suite is a mapping with a `datasets` list (and optionally `models`)")
     unknown = set(suite) - {"datasets", "models"}
@@ -207,7 +209,7 @@ def resolve_model(model: Optional[str], pretrained: str, label: Optional[str] = 
 
 def _checkpoint_arg(text: str, model: Optional[str]) -> Model:
     label, sep, path = text.partition("=")
-    if not sep or os.sep in label:
+    if not sep or os.sep in label or os.path.exists(text):  # a path such as lr=1e-3/checkpoints/epoch_1.pt
         label, path = None, text
     return resolve_model(model, path, label)
 
@@ -418,11 +420,13 @@ def main(argv=None) -> int:
         if not models:
             raise SuiteError("nothing to evaluate: give --checkpoint or a `models` list in the suite")
         _unique((m.label for m in models), "model (label)")
-    except SuiteError as error:
+        out = Path(local_output_path(args.out, "--out")).absolute()
+        if out.exists() and not out.is_dir():
+            raise SuiteError(f"--out {args.out} exists and is not a folder")
+    except (SuiteError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
-    out = Path(args.out).absolute()
     runs = []
     for m, model in enumerate(models):
         folder = out / "runs" / f"{m}-{_slug(model.label)}"

@@ -11,12 +11,13 @@ import argparse
 import ast
 import contextlib
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .atomic import is_nonempty_dir, staging_dir, write_atomically
+from .atomic import is_nonempty_dir, local_output_path, staging_dir, write_atomically
 from .model import to_stock_state_dict
 from .registry import list_superclip_models, superclip_config
 
@@ -35,16 +36,34 @@ class CheckpointError(ValueError):
 def _readable_checkpoint(path):
     """Turns the ways torch/open_clip fail to read a checkpoint file into CheckpointErrors that say what to do."""
     import pickle
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
+    _check_checkpoint_file(path)
+    path = os.fspath(path)
     try:
-        yield str(path)
+        yield path
     except pickle.UnpicklingError as error:
         raise CheckpointError(
             f"{path} holds objects other than tensors and plain containers, so it cannot be read with "
             f"torch.load(weights_only=True). If you trust the file, re-save its weights: "
             f"torch.save(torch.load(path, weights_only=False)['state_dict'], new_path). ({error})") from error
+
+
+def _check_checkpoint_file(path) -> None:
+    """A CheckpointError naming the path as given (a URL or a folder is not a checkpoint file)."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"{os.fspath(path)} is a folder, not a checkpoint file")
+    if not os.path.isfile(path):
+        hint = " (checkpoints are read from local paths; give the path without file://)" \
+            if os.fspath(path).startswith("file://") else ""
+        raise CheckpointError(f"{os.fspath(path)}: no such file{hint}")
+
+
+def _output_path(path, flag: str) -> Path:
+    """The output as a local Path; a symlink stands for its target, so a replaced output lands where it points."""
+    try:
+        out = Path(local_output_path(path, flag))
+    except ValueError as error:
+        raise CheckpointError(str(error)) from None
+    return Path(os.path.realpath(out)) if out.is_symlink() else out
 
 
 def load_checkpoint_state_dict(path) -> dict:
@@ -151,9 +170,12 @@ def export_stock(checkpoint, out_dir, model_name: Optional[str] = None, force: b
     import torch
     from open_clip.model import CLIP
 
-    out_dir = Path(out_dir)
+    _check_checkpoint_file(checkpoint)
+    given, out_dir = os.fspath(out_dir), _output_path(out_dir, "OUT_DIR")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CheckpointError(f"{given} exists and is not a folder: remove it or choose another output folder")
     if is_nonempty_dir(out_dir) and not force:
-        raise CheckpointError(f"{out_dir} exists and is not empty (use --force to replace it)")
+        raise CheckpointError(f"{given} exists and is not empty (use --force to replace it)")
     settings = read_run_settings(checkpoint)
     model_name = model_name or settings.model
     if not model_name:
@@ -188,9 +210,12 @@ def export_stock(checkpoint, out_dir, model_name: Optional[str] = None, force: b
         raise CheckpointError(f"the stock CLIP of {model_name}'s config does not match these weights: {mismatched}")
 
     config = {"model_cfg": model_cfg, "preprocess_cfg": dict(model.visual.preprocess_cfg)}
-    with staging_dir(out_dir) as staging:
-        (staging / EXPORT_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        _save_state_dict(stock_state, staging / _weights_file_name())
+    try:
+        with staging_dir(out_dir) as staging:
+            (staging / EXPORT_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+            _save_state_dict(stock_state, staging / _weights_file_name())
+    except OSError as error:
+        raise CheckpointError(f"cannot write {given}: {error}") from error
     return out_dir
 
 
@@ -385,12 +410,17 @@ def convert_official(checkpoint, out, model_name: Optional[str] = None,
                      global_batch_size: int = OFFICIAL_GLOBAL_BATCH_SIZE, force: bool = False,
                      keep_token_0: bool = False) -> str:
     """Writes our state dict for an official checkpoint to ``out`` (bare state dict; .safetensors by suffix)."""
-    out = Path(out)
+    given, out = os.fspath(out), _output_path(out, "OUT")
+    if out.is_dir():
+        raise CheckpointError(f"{given} is a folder: give the converted checkpoint a file name")
     if out.exists() and not force:
-        raise CheckpointError(f"{out} exists (use --force to replace it)")
+        raise CheckpointError(f"{given} exists (use --force to replace it)")
     model_name, state_dict = convert_official_state_dict(load_checkpoint_state_dict(checkpoint), model_name,
                                                          global_batch_size, keep_token_0)
-    _save_state_dict(state_dict, out)
+    try:
+        _save_state_dict(state_dict, out)
+    except OSError as error:
+        raise CheckpointError(f"cannot write {given}: {error}") from error
     return model_name
 
 

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import regex
 
-from .atomic import write_atomically
+from .atomic import local_output_path, write_atomically
 from .idf_build import (
     CaptionKey,
     ReadStats,
@@ -316,6 +316,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         groups = [Group.parse(g, args.plurals) for g in args.group]
         CaptionKey.parse(args.key)
+        args.md = args.md and local_output_path(args.md, "--md")
+        args.csv = args.csv and local_output_path(args.csv, "--csv")
     except ValueError as e:
         print(f"superclip cooccur: error: {e}", file=sys.stderr)
         return 2

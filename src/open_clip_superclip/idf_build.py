@@ -32,7 +32,7 @@ import zlib
 from typing import TYPE_CHECKING, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
-from .atomic import write_atomically
+from .atomic import local_output_path, write_atomically
 
 if TYPE_CHECKING:
     import torch
@@ -1002,10 +1002,11 @@ def expand_inputs(inputs: Sequence[str]) -> List[str]:
             if not part:
                 continue
             for u in braceexpand.braceexpand(part):
-                if "://" not in u and not u.startswith("pipe:") and os.path.isdir(u):
+                local = u[len("file://"):] if u.startswith("file://") else u  # file://DIR lists DIR too
+                if "://" not in local and not local.startswith("pipe:") and os.path.isdir(local):
                     found = sorted(
                         os.path.join(u, f)
-                        for f in os.listdir(u)
+                        for f in os.listdir(local)
                         if f.endswith((".tar", ".tar.gz", ".tgz", ".csv", ".tsv", ".csv.gz", ".tsv.gz"))
                     )
                     if not found:
@@ -1976,6 +1977,11 @@ def _all_reduce_counts(vec: np.ndarray, errors: List[str], backend: str, timeout
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        args.output = local_output_path(args.output, "-o")
+    except ValueError as e:
+        print(f"superclip idf: error: {e}", file=sys.stderr)
+        return 2
     if args.merge:
         if _dist_env()[0] != 0:
             return 0  # under a launcher, rank 0 alone merges

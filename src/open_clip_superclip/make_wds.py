@@ -17,10 +17,11 @@ import contextlib
 import csv
 import io
 import os
+import shlex
 import sys
 import warnings
 from pathlib import Path
-from .atomic import is_nonempty_dir, staging_dir
+from .atomic import is_nonempty_dir, local_output_path, staging_dir
 
 # Extensions clip_benchmark's wds loader decodes; anything else is re-encoded.
 NATIVE_EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
@@ -245,12 +246,22 @@ def build_parser():
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     images_dir = Path(args.images)
-    out = Path(args.out)
     if not images_dir.is_dir():
-        print(f"error: {images_dir} is not a folder", file=sys.stderr)
+        print(f"error: {args.images} is not a folder", file=sys.stderr)
+        return 2
+    try:
+        out = Path(local_output_path(args.out, "OUT"))
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if out.is_symlink():  # replace what the link points to, not the link
+        out = Path(os.path.realpath(out))
+    if out.exists() and not out.is_dir():
+        print(f"error: {args.out} exists and is not a folder: remove it or choose another output folder",
+              file=sys.stderr)
         return 2
     if is_nonempty_dir(out) and not args.force:
-        print(f"error: {out} exists and is not empty (use --force to replace it)", file=sys.stderr)
+        print(f"error: {args.out} exists and is not empty (use --force to replace it)", file=sys.stderr)
         return 2
     try:
         task, rows = read_table(args.csv, args.task)
@@ -274,6 +285,10 @@ def main(argv=None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # an unreadable CSV / --classnames / --templates, or an unwritable OUT
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"error: {where}{err.strerror or err}", file=sys.stderr)
+        return 2
     if task == "classification":
         print(f"wrote {count} images, {len(classnames)} classes to {out} (split {args.split})")
         hint = "--task zeroshot_classification"
@@ -281,7 +296,8 @@ def main(argv=None) -> int:
         n_captions = sum(len(captions) for _, captions in items)
         print(f"wrote {count} images, {n_captions} captions to {out} (split {args.split})")
         hint = "--task zeroshot_retrieval"
-    print(f"evaluate: clip_benchmark eval --dataset wds/{out.name} --dataset_root {out} --split {args.split} {hint}")
+    print(f"evaluate: clip_benchmark eval --dataset {shlex.quote('wds/' + out.name)} --dataset_root "
+          f"{shlex.quote(str(out))} --split {shlex.quote(args.split)} {hint}")
     return 0
 
 

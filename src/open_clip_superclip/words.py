@@ -21,7 +21,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from .atomic import write_atomically
+from .atomic import local_output_path, write_atomically
 
 
 DEFAULT_TEMPLATE = "a photo of {}"
@@ -81,10 +81,13 @@ def resolve_images(specs: Sequence[str]) -> ImageSet:
     """Folders of images (searched recursively) and webdataset shard patterns (braceexpand, '::' separated)."""
     import braceexpand
 
+    def local(url):  # file:// URLs are local paths: checked (and folders searched) like them
+        return url[len("file://"):] if url.startswith("file://") else url
+
     files, shards = [], []
     for spec in specs:
-        if os.path.isdir(spec):
-            found = sorted(os.path.join(root, name) for root, _, names in os.walk(spec) for name in names
+        if os.path.isdir(local(spec)):
+            found = sorted(os.path.join(root, name) for root, _, names in os.walk(local(spec)) for name in names
                            if name.lower().endswith(IMAGE_EXTENSIONS))
             if not found:
                 raise InputError(f"--images {spec}: folder holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
@@ -92,7 +95,7 @@ def resolve_images(specs: Sequence[str]) -> ImageSet:
             continue
         for part in spec.split("::"):
             for url in braceexpand.braceexpand(part) if part else ():
-                if "://" not in url and not url.startswith("pipe:") and not os.path.isfile(url):
+                if "://" not in local(url) and not url.startswith("pipe:") and not os.path.isfile(local(url)):
                     raise InputError(f"--images {spec}: {url} is neither an image folder nor a shard file")
                 shards.append(url)
     if not files and not shards:
@@ -389,6 +392,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import open_clip_superclip  # noqa: F401  (registers the SuperCLIP configs even with auto-loading off)
     _validate(parser, args)
     try:
+        for flag in ("csv", "png"):  # before the model runs: a bad output path fails in a second, not after it
+            try:
+                path = local_output_path(getattr(args, flag), f"--{flag}")
+            except ValueError as error:
+                raise InputError(str(error)) from None
+            if os.path.isdir(path):
+                raise InputError(f"--{flag} {getattr(args, flag)} is a folder: give a file name")
+            setattr(args, flag, path)
         check_template(args.template)
         images = resolve_images(args.images)
         words = read_word_list(args.words) if args.words else None
@@ -407,11 +418,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except InputError as error:
         print(f"superclip words: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # e.g. a shard URL that cannot be opened (webdataset adds the URL to the error)
+        print(f"superclip words: error: {error}", file=sys.stderr)
+        return 2
     sys.stdout.write(format_report(words, rankings, args.template, args.top))
     text = ranking_csv(words, rankings)
-    write_atomically(args.csv, lambda f: f.write(text.encode("utf-8")))
     image = ranking_png(words, rankings)
-    write_atomically(args.png, lambda f: f.write(image))
+    try:
+        write_atomically(args.csv, lambda f: f.write(text.encode("utf-8")))
+        write_atomically(args.png, lambda f: f.write(image))
+    except OSError as error:
+        print(f"superclip words: error writing the ranking: {error}", file=sys.stderr)
+        return 1
     print(f"wrote {args.csv} and {args.png}", file=sys.stderr)
     return 0
 

@@ -2,6 +2,7 @@
 import argparse
 import math
 import os
+import re
 
 from open_clip_superclip.idf import IDF_MODES
 
@@ -48,6 +49,7 @@ def finalize_superclip_args(parser: argparse.ArgumentParser, args: argparse.Name
     from open_clip_superclip.upstream_patches import install_trainer_process
     from training_ext import hooks
 
+    _check_resume_file(parser, getattr(args, "resume", None))
     lam = args.superclip_lambda
     if lam is not None and not (math.isfinite(lam) and lam >= 0):
         parser.error(f"--superclip-lambda must be a finite number >= 0, got {lam}")
@@ -84,6 +86,20 @@ def finalize_superclip_args(parser: argparse.ArgumentParser, args: argparse.Name
     hooks.start_run(args)
     install_trainer_process()
     return args
+
+
+def _check_resume_file(parser, resume) -> None:
+    """``--resume PATH`` on this machine must be a file: open_clip_train would only find out after building the
+    model, with a traceback. ``latest`` and remote URLs (s3://, ...) are left to the trainer."""
+    if not resume or resume == "latest":
+        return
+    local = resume[len("file://"):] if resume.startswith("file://") else resume
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", local):
+        return
+    if os.path.isdir(local):
+        parser.error(f"--resume {resume} is a folder: give a checkpoint file, or `latest` for the run's newest")
+    if not os.path.isfile(local):
+        parser.error(f"--resume {resume}: no such file")
 
 
 def _check_stock_model_can_take_head(parser, model_name):
