@@ -1,6 +1,7 @@
 """Real short runs of the stock open_clip trainer with SuperCLIP (issue 3)."""
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -226,6 +227,86 @@ def test_stock_run_is_bit_identical_with_the_plugin_installed(tmp_path, csv_data
     assert losses_a == losses_b and len(losses_a) == 2 and "class_loss" not in losses_a[0]
     assert sd_a.keys() == sd_b.keys()
     assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+
+
+# Test-local start-up code for the 2-process webdataset runs below (its folder goes on PYTHONPATH), written
+# independently of the plugin. SUPERCLIP_TEST_WDS_IN_ORDER: open_clip_train.data's sample shuffle
+# (`wds.shuffle`, seeded from the pid and the clock) passes samples through in order; the shard shuffle before it
+# is seeded by --seed and the epoch, and each of the 2 ranks gets 1 of the 2 shards (wds.split_by_node), so the
+# order is fixed. SUPERCLIP_TEST_CPU_DDP: stock open_clip_train passes device_ids=[cpu device] to DDP, which a
+# CPU module rejects; this turns that into device_ids=None, for the run without the plugin (whose own shim does
+# the same).
+SITECUSTOMIZE = """
+import os
+
+if os.environ.get("SUPERCLIP_TEST_WDS_IN_ORDER"):
+    import webdataset
+
+    def _in_order(*args, **kwargs):
+        return lambda samples: samples
+
+    webdataset.shuffle = _in_order
+
+if os.environ.get("SUPERCLIP_TEST_CPU_DDP"):
+    import torch
+    import torch.nn.parallel
+
+    class _CpuDistributedDataParallel(torch.nn.parallel.DistributedDataParallel):
+        def __init__(self, module, device_ids=None, *args, **kwargs):
+            if device_ids is not None and all(torch.device(d).type == "cpu" for d in device_ids):
+                device_ids = None
+            super().__init__(module, device_ids, *args, **kwargs)
+
+    torch.nn.parallel.DistributedDataParallel = _CpuDistributedDataParallel
+"""
+
+
+@pytest.fixture(scope="module")
+def ddp_wds_runs(tmp_path_factory):
+    """2-process torchrun runs on webdataset shards (2 steps of 2 x 4 samples), in a fixed sample order:
+    ``vanilla``: a stock model (SuperCLIP-ViT-Tiny's towers, no head) with OPEN_CLIP_DISABLE_PLUGINS=1;
+    ``plugin``: the same run with the plugin loaded; ``lambda0``: SuperCLIP-ViT-Tiny with --superclip-lambda 0.
+    {label: (state dict without the ``module.`` prefix, logged steps)}."""
+    root = tmp_path_factory.mktemp("ddp_wds")
+    (root / "site").mkdir()
+    (root / "site" / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    shards = make_wds(root / "wds", n=N, shards=2)
+    stock_model = write_tiny_stock_config(root / "stock_model")
+    # explicit AdamW settings: open_clip picks defaults from the model name, and local-dir: names hold no "vit"
+    adam = ["--beta1", "0.9", "--beta2", "0.98", "--eps", "1e-6", "--train-num-samples", str(N)]
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(root / "site"), os.environ.get("PYTHONPATH")])),
+           "SUPERCLIP_TEST_WDS_IN_ORDER": "1"}
+    runs = {}
+    for label, model, launcher, extra_env, extra in (
+            ("vanilla", stock_model, "open_clip_train.main", {"OPEN_CLIP_DISABLE_PLUGINS": "1",
+                                                              "SUPERCLIP_TEST_CPU_DDP": "1"}, []),
+            ("plugin", stock_model, "open_clip_train.main", {}, []),
+            ("lambda0", "SuperCLIP-ViT-Tiny", "training.main", {}, ["--superclip-lambda", "0"])):
+        args = base_args(shards, root / label, model=model, batch=N // 4, dataset_type="webdataset") + adam + extra
+        args[args.index("--logs-dir"):args.index("--logs-dir") + 2] = []  # the stock parser has no --logs-dir:
+        (root / label).mkdir()                                               # the default ./logs, in cwd
+        _ok(run_trainer(args, launcher=("-m", launcher), nproc=2, env_extra={**env, **extra_env}, cwd=root / label))
+        sd = checkpoint(root / label / "logs")["state_dict"]
+        runs[label] = ({k.removeprefix("module."): v for k, v in sd.items()}, logged_losses(root / label / "logs"))
+    return runs
+
+
+def test_stock_ddp_webdataset_run_is_bit_identical_with_the_plugin_installed(ddp_wds_runs):
+    (sd_plugin, steps_plugin), (sd_vanilla, steps_vanilla) = ddp_wds_runs["plugin"], ddp_wds_runs["vanilla"]
+    assert len(steps_vanilla) == 2 and "class_loss" not in steps_vanilla[0]
+    assert steps_plugin == steps_vanilla
+    assert sd_plugin.keys() == sd_vanilla.keys()
+    assert all(torch.equal(sd_plugin[k], sd_vanilla[k]) for k in sd_vanilla)
+
+
+def test_lambda_0_under_ddp_trains_plain_clip_with_no_unused_parameters(ddp_wds_runs):
+    """--superclip-lambda 0 builds the model without the head (a head outside the loss would be an unused
+    parameter, which DDP with find_unused_parameters off rejects): 2 DDP steps train, and what trains is stock
+    CLIP, bit for bit the run without the plugin."""
+    (sd, steps), (sd_vanilla, steps_vanilla) = ddp_wds_runs["lambda0"], ddp_wds_runs["vanilla"]
+    assert not any(k.startswith(("class_head", "class_idf")) for k in sd)
+    assert steps == steps_vanilla and len(steps) == 2
+    assert sd.keys() == sd_vanilla.keys() and all(torch.equal(sd[k], sd_vanilla[k]) for k in sd_vanilla)
 
 
 def test_lambda_turns_a_stock_vit_into_superclip_and_zero_gives_plain_clip(tmp_path, csv_data):
