@@ -16,7 +16,7 @@ $(VENV)/.installed: setup.py requirements-pins.txt
 install: $(VENV)/.installed
 
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -rs -p no:cacheprovider --fail-on-skip tests
 
 demo: install
 	$(PY) -m open_clip_superclip.demo --smoke $(SMOKE)

