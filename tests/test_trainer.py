@@ -42,16 +42,9 @@ def test_command_forms_train_and_checkpoint(tmp_path, csv_data, launcher, nproc)
     _assert_superclip_run(tmp_path)
 
 
-@pytest.mark.parametrize("extra,check", [
-    (["--precision", "amp_bf16"], None),
-    (["--siglip"], "logit_bias"),
-], ids=["amp_bf16", "SuperSigLIP"])
-def test_precisions_and_variants(tmp_path, csv_data, extra, check):
-    _ok(run_trainer(base_args(csv_data, tmp_path) + extra))
-    sd, steps = _assert_superclip_run(tmp_path)
-    if check:
-        assert sd["logit_bias"].item() == pytest.approx(-10, abs=0.1)
-        assert sd["logit_scale"].item() == pytest.approx(2.3026, abs=0.1)
+def test_amp_bf16_run(tmp_path, csv_data):
+    _ok(run_trainer(base_args(csv_data, tmp_path) + ["--precision", "amp_bf16"]))
+    _assert_superclip_run(tmp_path)
 
 
 def _probe_run(args, record, configs=None):
@@ -105,7 +98,10 @@ def test_supersiglip_model_trains_with_siglip_loss_plus_lambda_class_loss_on_cli
         "--superclip-lambda", "0.5", "--superclip-loss-impl", "dense"]
     _probe_run(args, tmp_path / "record", configs)
     sd, steps = _assert_superclip_run(tmp_path / "logs")
+    # SigLIP's init. The name sets args.siglip, after which the run takes the path --siglip on a SuperCLIP model
+    # takes (main's SigLIP init kwargs through our model factory, create_loss's SigLipLoss): this run covers both
     assert sd["logit_bias"].item() == pytest.approx(-10, abs=0.1)
+    assert sd["logit_scale"].item() == pytest.approx(math.log(10), abs=0.1)
 
     call = torch.load(tmp_path / "record" / "loss_call_0.pt", weights_only=False)
     assert call["contrastive_type"] == "open_clip.loss.SigLipLoss" and call["class_loss_weight"] == 0.5
