@@ -19,10 +19,10 @@ test: install
 	$(PY) -m pytest -q -rs -p no:cacheprovider --fail-on-skip tests
 
 demo: install
-	$(PY) -m open_clip_superclip.demo --smoke $(SMOKE)
+	$(PY) -m open_clip_superclip.tools.demo --smoke $(SMOKE)
 
 experiment: install
-	$(PY) -m open_clip_superclip.demo --experiment $(if $(CELL),--cell '$(CELL)')
+	$(PY) -m open_clip_superclip.tools.demo --experiment $(if $(CELL),--cell '$(CELL)')
 
 bench: install
 	$(PY) bench/run.py

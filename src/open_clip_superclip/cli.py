@@ -12,8 +12,10 @@ SUBCOMMANDS = {
                          "import a checkpoint of the official hustvl/SuperCLIP code"),
     "words": ("open_clip_superclip.words", "main", "word-image similarity ranking (paper A.4)"),
     "flops": ("open_clip_superclip.flops", "main", "FLOPs per component (paper Table 5)"),
-    "demo-data": ("open_clip_superclip.demo_data", "main", "build the OpenMoji demo dataset"),
-    "demo": ("open_clip_superclip.demo", "main", "train CLIP and SuperCLIP on the demo data and report"),
+    "demo-data": ("open_clip_superclip.tools.demo.emoji_data", "main", "build the OpenMoji demo dataset"),
+    "clipart-data": ("open_clip_superclip.tools.demo.clipart_data", "main",
+                     "build the Open Clip Art data set (short and long captions)"),
+    "demo": ("open_clip_superclip.tools.demo.app", "main", "train CLIP and SuperCLIP on the demo data and report"),
 }
 
 

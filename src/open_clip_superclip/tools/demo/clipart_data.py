@@ -1,4 +1,4 @@
-"""`python -m open_clip_superclip.clipart_data OUT`: Open Clip Art drawings with a real short and long caption.
+"""`superclip clipart-data OUT`: Open Clip Art drawings with a real short and long caption.
 
 For the paper's DualCaption table: Debian's `openclipart-svg` (public-domain drawings; title, description and
 keywords in each SVG's RDF metadata) and `openclipart-png` (the same drawings rasterised) give short = the
@@ -38,8 +38,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from .atomic import is_nonempty_dir, staging_dir
-from .make_wds import write_classification, write_retrieval
+from open_clip_superclip.atomic import is_nonempty_dir, staging_dir
+from open_clip_superclip.make_wds import write_classification, write_retrieval
 
 FORMAT_VERSION = 1
 SYSTEM_SOURCE = Path("/usr/share/openclipart")
@@ -558,7 +558,7 @@ def summary(manifest: dict, out: Path) -> str:
 
 def build_parser():
     parser = argparse.ArgumentParser(
-        prog="python -m open_clip_superclip.clipart_data",
+        prog="superclip clipart-data",
         description="Build the Open Clip Art data set (short caption = title, long = title + description + "
                     "keywords): a training CSV for open_clip and held-out clip_benchmark sets.")
     parser.add_argument("out", help="output folder")

