@@ -106,6 +106,7 @@ class Grid:
     finetune_methods: tuple = ("clip", "superclip")
     clipart_batch: int = 64
     samples_per_epoch: Optional[int] = None
+    emoji_eval_every: int = 1  # epochs between evaluations (OpenMoji's 720 classes make each one dear)
 
 
 def experiment_cells(grid: Grid) -> tuple:
@@ -114,7 +115,7 @@ def experiment_cells(grid: Grid) -> tuple:
     cells = []
     for seed in grid.seeds:
         for batch in grid.batches:
-            schedule = Schedule(batch, grid.emoji_epochs, lr=batch_lr(batch), save_every=1,
+            schedule = Schedule(batch, grid.emoji_epochs, lr=batch_lr(batch), save_every=grid.emoji_eval_every,
                                 samples_per_epoch=grid.samples_per_epoch)
             methods = ("clip", "superclip") + (grid.ablations if batch == grid.ablation_batch else ())
             cells += [Cell(f"emoji-{m}-b{batch}-s{seed}", m, seed, schedule, "emoji", "batch") for m in methods]
