@@ -191,6 +191,18 @@ def test_demo_smoke_pipeline_writes_the_report(tmp_path, smoke_data, capsys):
     assert len(ranking) - 1 == len(demo_data.word_list(_data(smoke_data)))
     assert not list(tmp_path.glob("report.tmp-*"))  # the report was built aside and renamed
 
+    # the README's "the numbers repeat exactly", at smoke size: the SuperCLIP cell trained and evaluated again
+    # from nothing (the CLIP cell is reused, as a finished cell is) gives the same losses, metrics, table and
+    # word ranking to the last digit
+    shutil.rmtree(runs / "superclip")
+    again_out = tmp_path / "report-again"
+    assert _main("--smoke", 1, "--data", smoke_data, "--runs", runs, "--out", again_out) == 0
+    assert "superclip: training" in capsys.readouterr().out
+    again = json.loads((runs / "superclip/result.json").read_text())
+    assert again["losses"] == result["losses"] and again["epochs"] == result["epochs"]
+    assert json.loads((again_out / "summary.json").read_text())["table"] == summary["table"]
+    assert (again_out / "word_ranking.csv").read_text().splitlines() == ranking
+
 
 def test_experiment_cell_resumes_and_is_skipped_when_finished(tmp_path, smoke_data, capsys, monkeypatch):
     runs, out = tmp_path / "runs", tmp_path / "report"
