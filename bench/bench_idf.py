@@ -23,13 +23,17 @@ import time
 from pathlib import Path
 
 try:
-    import open_clip_superclip.idf_build  # noqa: F401
+    import open_clip_superclip.tools.idf  # noqa: F401
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import numpy as np  # noqa: E402
 
-from open_clip_superclip import idf_build as B  # noqa: E402
+from open_clip_superclip.idf_counts import load_idf_counts  # noqa: E402
+from open_clip_superclip.tools.idf import cleaning, command  # noqa: E402
+from open_clip_superclip.tools.idf.cleaning import ftfy_gate, trivial_clean  # noqa: E402
+from open_clip_superclip.tools.idf.counter import DocFreqCounter, naive_doc_freq  # noqa: E402
+from open_clip_superclip.tools.idf.tokenizer import get_tokenizer, tokenizer_module  # noqa: E402
 
 _NON_ASCII = ["caf\u00e9", "na\u00efve", "M\u00fcnchen", "S\u00e3o", "\u00e9t\u00e9", "\u6771\u4eac", "\u5317\u4eac",
               "\U0001F600", "\U0001F389", "\u2764\ufe0f", "\u201cnew\u201d", "\u2014", "\u00bd", "\u00b0C"]
@@ -40,7 +44,7 @@ _DECORATIONS = ["({}) ", "\"{}\" ", "#{} ", "{}'s "]  # each on ~1% of words
 
 def _vocabulary(size: int):
     """Real English-like words: whole-word entries of the CLIP BPE merges, most frequent first."""
-    with gzip.open(B._tokenizer_module().default_bpe()) as f:
+    with gzip.open(tokenizer_module().default_bpe()) as f:
         merges = f.read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
     words = []
     for m in merges:
@@ -151,11 +155,11 @@ def _write_shards(caps, directory: str, nshards: int):
 def _cold():
     """Forget every cache so each run starts as a fresh process would (after its one-time set-up: imports,
     the tokenizer and the ftfy gate, which are built here, outside the timed part)."""
-    B._COUNTERS.clear()
-    tok = B.get_tokenizer("")
+    command._COUNTERS.clear()
+    tok = get_tokenizer("")
     tok.cache = {t: t for t in ("<start_of_text>", "<end_of_text>")}
-    B._FTFY_GATE = None  # its cache of badness answers starts empty
-    B.ftfy_gate()
+    cleaning._FTFY_GATE = None  # its cache of badness answers starts empty
+    ftfy_gate()
 
 
 def run(n_captions: int = 200_000, nshards: int = 8, seed: int = 0):
@@ -169,7 +173,7 @@ def run(n_captions: int = 200_000, nshards: int = 8, seed: int = 0):
             ("load average (1 min) at start", round(os.getloadavg()[0], 2))]
     caps = make_captions(n_captions, seed)
     rows.append(("captions needing open_clip's own cleaning %",
-                 round(100.0 * sum(B.trivial_clean(c) is None for c in caps) / len(caps), 2)))
+                 round(100.0 * sum(trivial_clean(c) is None for c in caps) / len(caps), 2)))
     rows.append(("captions with non-ASCII or entities %",
                  round(100.0 * sum(not c.isascii() or "&" in c for c in caps) / len(caps), 2)))
     words = [w for c in caps for w in c.lower().split()]
@@ -177,9 +181,9 @@ def run(n_captions: int = 200_000, nshards: int = 8, seed: int = 0):
     rows.append(("distinct words / words %", round(100.0 * len(set(words)) / len(words), 2)))
     del words
 
-    naive_tok = B._tokenizer_module().SimpleTokenizer()
+    naive_tok = tokenizer_module().SimpleTokenizer()
     _cold()
-    counter = B.DocFreqCounter(B.get_tokenizer(""))
+    counter = DocFreqCounter(get_tokenizer(""))
     ref, wall, cpu = _side_by_side(caps, naive_tok, counter)
     df, m = counter.result()
     assert m == n_captions and np.array_equal(df, ref), "counter differs from the naive loop"
@@ -208,14 +212,14 @@ def run(n_captions: int = 200_000, nshards: int = 8, seed: int = 0):
             _cold()
             out = os.path.join(d, f"out{jobs}.npz")
             sample = caps[jobs * 5000:jobs * 5000 + 5000]
-            naive_cpu = _cpu(lambda: B.naive_doc_freq(sample, naive_tok))  # just before: same machine state
+            naive_cpu = _cpu(lambda: naive_doc_freq(sample, naive_tok))  # just before: same machine state
             w, c = time.perf_counter(), _cpu_with_children()
             with contextlib.redirect_stdout(io.StringIO()):
-                rc = B.main([*shards, "-o", out, "-j", str(jobs), "--no-progress"])
+                rc = command.main([*shards, "-o", out, "-j", str(jobs), "--no-progress"])
             wall_s, cpu_s = time.perf_counter() - w, _cpu_with_children() - c
-            naive_cpu += _cpu(lambda: B.naive_doc_freq(sample, naive_tok))  # and just after
+            naive_cpu += _cpu(lambda: naive_doc_freq(sample, naive_tok))  # and just after
             per_caption_naive = naive_cpu / (2 * len(sample))
-            got = B.load_idf_counts(out)
+            got = load_idf_counts(out)
             identical &= rc == 0 and got.num_captions == n and np.array_equal(got.doc_freq.numpy(), ref)
             rows.append((f"builder -j {jobs} (shards on disk) captions/s, wall", round(n / wall_s)))
             rows.append((f"builder -j {jobs} captions/s per core (CPU time of all its processes)", round(n / cpu_s)))
@@ -239,7 +243,7 @@ def _side_by_side(caps, naive_tok, counter, chunks: int = 20, naive_share: float
         chunk = caps[i:i + step]
         part = chunk[: max(1, round(len(chunk) * naive_share))]
         w, c = time.perf_counter(), time.process_time()
-        ref += B.naive_doc_freq(part, naive_tok)[0]
+        ref += naive_doc_freq(part, naive_tok)[0]
         wall["naive"] += (time.perf_counter() - w) * len(chunk) / len(part)
         cpu["naive"] += (time.process_time() - c) * len(chunk) / len(part)
         w, c = time.perf_counter(), time.process_time()
@@ -252,7 +256,7 @@ def _side_by_side(caps, naive_tok, counter, chunks: int = 20, naive_share: float
 def _multilingual_rows(caps, naive_tok):
     """The same comparison on real words of 100+ locales, where far more words and BPE pieces are new."""
     _cold()
-    counter = B.DocFreqCounter(B.get_tokenizer(""))
+    counter = DocFreqCounter(get_tokenizer(""))
     ref, _, cold = _side_by_side(caps, naive_tok, counter, chunks=10)
     assert np.array_equal(counter.result()[0], ref), "counter differs from the naive loop (multilingual)"
     counter.reset()

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 
 try:
-    import open_clip_superclip.cooccur  # noqa: F401
+    import open_clip_superclip.tools.cooccur  # noqa: F401
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import webdataset as wds  # noqa: E402
 
-from open_clip_superclip import cooccur as C  # noqa: E402
+from open_clip_superclip.tools import cooccur as C  # noqa: E402
 
 CAPS = [
     "A man reading a newspaper on a bench",            # base

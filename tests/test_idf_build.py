@@ -18,13 +18,20 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 try:
-    import open_clip_superclip.idf_build  # noqa: F401
+    import open_clip_superclip.tools.idf  # noqa: F401
 except ImportError:
     sys.path.insert(0, str(SRC))
 
 import webdataset as wds  # noqa: E402
 
-from open_clip_superclip import idf_build as B  # noqa: E402
+from open_clip_superclip import idf_counts  # noqa: E402
+from open_clip_superclip.tools.idf import captions as idf_captions  # noqa: E402
+from open_clip_superclip.tools.idf import cleaning as idf_cleaning  # noqa: E402
+from open_clip_superclip.tools.idf import command as idf_command  # noqa: E402
+from open_clip_superclip.tools.idf import counter as idf_counter  # noqa: E402
+from open_clip_superclip.tools.idf import sources as idf_sources  # noqa: E402
+from open_clip_superclip.tools.idf import tar_reader as idf_tar_reader  # noqa: E402
+from open_clip_superclip.tools.idf import tokenizer as idf_tokenizer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from bench_idf import make_multilingual_captions  # noqa: E402  (one corpus generator for tests and benchmark)
@@ -80,7 +87,7 @@ def make_captions(n: int, seed: int = 0):
 
 
 def naive(caps):
-    return B.naive_doc_freq(caps)
+    return idf_counter.naive_doc_freq(caps)
 
 
 def write_shards(dirpath: Path, caps, nshards: int, json_field: str = None, with_images: bool = True):
@@ -110,11 +117,11 @@ def write_csv(path: Path, caps, sep=","):
 
 
 def run(args):
-    return B.main([*map(str, args), "--no-progress"])
+    return idf_command.main([*map(str, args), "--no-progress"])
 
 
 def loaded(path):
-    c = B.load_idf_counts(path)
+    c = idf_counts.load_idf_counts(path)
     return c.doc_freq.numpy().astype(np.int64), c.num_captions
 
 
@@ -131,8 +138,8 @@ def corpus(tmp_path_factory):
 
 def test_counter_identical_per_caption_on_hard_text():
     """Every caption, alone, gives exactly the id set of SimpleTokenizer.encode."""
-    tok = B.get_tokenizer("")
-    counter = B.DocFreqCounter(tok)
+    tok = idf_tokenizer.get_tokenizer("")
+    counter = idf_counter.DocFreqCounter(tok)
     rng = random.Random(5)
     alphabet = (list("abcXYZ019 .,!?'&;#<>-_/\"") + ["&amp;", "&#39;", "&lt;", " ", "\t", "\n", "\u00e9", "\u00c9",
                 "\U0001F600", "\u6771", "\u00a0", "\u200b", "\x1b", "\u2019", "'S", "'LL", "\u0130", "\ufb01"])
@@ -166,21 +173,21 @@ def _fuzz(n, seed):
 def test_counter_identical_on_multilingual_real_words():
     """Real words of 100+ locales: every caption alone and the whole batch give SimpleTokenizer's ids, and
     the counter's BPE equals open_clip's on every piece."""
-    tok = B.get_tokenizer("")
+    tok = idf_tokenizer.get_tokenizer("")
     caps = make_multilingual_captions(1500, seed=41)
     assert sum(not c.isascii() for c in caps) > 500
-    counter = B.DocFreqCounter(tok)
+    counter = idf_counter.DocFreqCounter(tok)
     counter.add_many(caps)
     ref, n = naive(caps)
     df, m = counter.result()
     assert m == n and np.array_equal(df, ref)
-    reference = B._tokenizer_module().SimpleTokenizer()
+    reference = idf_tokenizer.tokenizer_module().SimpleTokenizer()
     pieces = set()
     for cap in caps:
         counter.reset()
         counter.add_many([cap])
         assert set(np.nonzero(counter.result()[0])[0].tolist()) == set(tok.encode(cap)), repr(cap)
-        pieces.update(tok.pat.findall(B.clean_lower(cap)))
+        pieces.update(tok.pat.findall(idf_cleaning.clean_lower(cap)))
     for piece in pieces:
         token = "".join(tok.byte_encoder[b] for b in piece.encode("utf-8"))
         assert counter._bpe(token) == reference.bpe(token).split(" "), repr(piece)
@@ -188,12 +195,12 @@ def test_counter_identical_on_multilingual_real_words():
 
 def test_ftfy_gate_equals_open_clip_cleaning():
     """Where the shortcut answers, it gives open_clip's exact cleaning (ftfy + html.unescape x2)."""
-    clean = B._tokenizer_module().get_clean_fn("lower")
-    gate = B.ftfy_gate()
+    clean = idf_tokenizer.tokenizer_module().get_clean_fn("lower")
+    gate = idf_cleaning.ftfy_gate()
     assert gate.ok
     answered = answered_lines = 0
     for text in HARD + _fuzz(12000, seed=11) + make_multilingual_captions(1500, seed=43):
-        x = B.trivial_clean(text)
+        x = idf_cleaning.trivial_clean(text)
         if x is not None:
             answered += 1
             answered_lines += "\n" in text
@@ -205,7 +212,7 @@ def test_ftfy_gate_equals_open_clip_cleaning():
 def test_windowed_badness_equals_ftfy():
     import ftfy.badness as badness
 
-    windowed = B._windowed_is_bad(badness.BADNESS_RE)
+    windowed = idf_cleaning._windowed_is_bad(badness.BADNESS_RE)
     assert windowed is not None
     rng = random.Random(3)
     alphabet = [chr(i) for i in range(32, 127)] + list(
@@ -227,8 +234,8 @@ def test_windowed_badness_equals_ftfy():
 
 
 def test_counter_identical_per_caption_on_fuzz():
-    tok = B.get_tokenizer("")
-    counter = B.DocFreqCounter(tok)
+    tok = idf_tokenizer.get_tokenizer("")
+    counter = idf_counter.DocFreqCounter(tok)
     for cap in _fuzz(1200, seed=12):
         counter.reset()
         counter.add_many([cap])
@@ -243,24 +250,24 @@ def test_counter_identical_per_caption_on_fuzz():
 
 def test_fast_bpe_and_ascii_regex_twin_equal_open_clip():
     """The counter's BPE and its stdlib-re twin of the tokenizer's regex give open_clip's exact results."""
-    tok = B.get_tokenizer("")
-    counter = B.DocFreqCounter(tok)
+    tok = idf_tokenizer.get_tokenizer("")
+    counter = idf_counter.DocFreqCounter(tok)
     rng = random.Random(21)
     pieces = set()
     for cap in HARD + _fuzz(800, seed=22) + make_captions(300, seed=23):
-        pieces.update(tok.pat.findall(B.clean_lower(cap)))
+        pieces.update(tok.pat.findall(idf_cleaning.clean_lower(cap)))
     pieces.update("".join(rng.choice("aaabbbeeerstl") for _ in range(rng.randint(1, 24))) for _ in range(500))
     for piece in pieces:
         token = "".join(tok.byte_encoder[b] for b in piece.encode("utf-8"))
         assert counter._bpe(token) == tok.bpe(token).split(" "), repr(piece)
-    twin = B.ascii_twin_pattern(tok.pat)
+    twin = idf_tokenizer.ascii_twin_pattern(tok.pat)
     assert twin is not None
     alphabet = [chr(i) for i in range(128)] + ["'s", "'LL", "'re", "<start_of_text>", "<end_of_text>", "''s"]
     for _ in range(3000):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
         assert twin.findall(text) == tok.pat.findall(text), repr(text)
     import regex
-    assert B.ascii_twin_pattern(regex.compile(r"[\p{L}]+|\p{Lu}")) is None  # a Unicode construct it cannot map
+    assert idf_tokenizer.ascii_twin_pattern(regex.compile(r"[\p{L}]+|\p{Lu}")) is None  # a Unicode construct it cannot map
 
 
 def test_packed_word_index_matches_a_dict():
@@ -268,7 +275,7 @@ def test_packed_word_index_matches_a_dict():
     alphabet = [chr(i) for i in range(33, 127)]
     words = list(dict.fromkeys("".join(rng.choice(alphabet) for _ in range(rng.randint(1, 16)))
                                 for _ in range(20000)))
-    index = B._PackedWordIndex(bits=4)  # tiny: forces growth and long probe runs
+    index = idf_counter._PackedWordIndex(bits=4)  # tiny: forces growth and long probe runs
 
     def keys(ws):
         raw = "".join(w.ljust(16, "\0") for w in ws).encode("ascii")
@@ -313,11 +320,11 @@ def test_tar_runs_names_keys_and_sample_counts(tmp_path):
             key, ext = m.name[: len(m.name) - len(base) + base.index(".")], base[base.index(".") + 1 :].lower()
             ref.append((m.name, key, ext, tf.extractfile(m).read() if ext == "txt" else None))
     with open(p, "rb") as f:
-        assert list(B.iter_tar_members(f, "txt", seekable=True)) == ref
+        assert list(idf_tar_reader.iter_tar_members(f, "txt", seekable=True)) == ref
     for url in (str(p), "pipe:cat " + str(p)):  # memory-mapped, and read as a stream
-        stats = B.ReadStats()
-        unit = B.make_units([url], "auto")[0]
-        caps = [c for batch in B.iter_caption_batches(unit, B.CaptionKey.parse("txt"), stats=stats) for c in batch]
+        stats = idf_sources.ReadStats()
+        unit = idf_sources.make_units([url], "auto")[0]
+        caps = [c for batch in idf_captions.iter_caption_batches(unit, idf_sources.CaptionKey.parse("txt"), stats=stats) for c in batch]
         assert caps == expected_caps
         assert (stats.samples, stats.missing) == (samples, missing)
 
@@ -325,7 +332,7 @@ def test_tar_runs_names_keys_and_sample_counts(tmp_path):
 def test_counter_equals_naive_and_cache_eviction():
     caps = make_captions(400, seed=3)
     ref, n = naive(caps)
-    counter = B.DocFreqCounter(B.get_tokenizer(""), max_cache=10)  # forces repeated eviction
+    counter = idf_counter.DocFreqCounter(idf_tokenizer.get_tokenizer(""), max_cache=10)  # forces repeated eviction
     counter.add_many(caps[:123])
     counter.add_many(caps[123:])
     df, m = counter.result()
@@ -343,9 +350,9 @@ def test_build_matches_naive_j1_j2_and_orders(corpus, tmp_path):
     for df, n in outs:
         assert n == corpus["n"]
         assert np.array_equal(df, corpus["ref"])
-    c = B.load_idf_counts(tmp_path / "o0.npz")
+    c = idf_counts.load_idf_counts(tmp_path / "o0.npz")
     assert c.vocab_size == 49408 and c.tokenizer.startswith("open_clip.SimpleTokenizer/bpe_simple_vocab_16e6/49408")
-    assert c.tokenizer == B.tokenizer_identity(B.get_tokenizer(""))
+    assert c.tokenizer == idf_counts.tokenizer_identity(idf_tokenizer.get_tokenizer(""))
     assert [p for p in os.listdir(tmp_path) if p.endswith(".tmp")] == []
 
 
@@ -383,7 +390,7 @@ def test_http_and_fsspec_urls_with_progress_bar(corpus, tmp_path, capsys):
     try:
         http_pattern = f"http://127.0.0.1:{server.server_address[1]}/shard-{{000..001}}.tar"
         out = tmp_path / "remote.npz"
-        assert B.main([http_pattern, "memory://idf-test/shard-002.tar", "-o", str(out)]) == 0
+        assert idf_command.main([http_pattern, "memory://idf-test/shard-002.tar", "-o", str(out)]) == 0
     finally:
         server.shutdown()
         server.server_close()
@@ -397,7 +404,7 @@ def test_http_and_fsspec_urls_with_progress_bar(corpus, tmp_path, capsys):
 
 def test_python_dash_m_idf_is_the_cli_without_warnings(corpus, tmp_path):
     out = tmp_path / "m.npz"
-    cmd = [sys.executable, "-W", "error::RuntimeWarning", "-m", "open_clip_superclip.idf", corpus["shards"][0],
+    cmd = [sys.executable, "-W", "error::RuntimeWarning", "-m", "open_clip_superclip.tools.idf", corpus["shards"][0],
            "-o", str(out), "--no-progress"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
@@ -421,7 +428,7 @@ def test_json_field_key_and_missing(tmp_path):
     ref, n = naive(kept)
     df, m = loaded(out)
     assert m == n and np.array_equal(df, ref)
-    meta = B.load_idf_counts(out).meta
+    meta = idf_counts.load_idf_counts(out).meta
     assert meta["samples"] == 61 and meta["samples_missing_caption"] == 6
 
 
@@ -433,13 +440,13 @@ def test_torchrun_two_ranks_equals_single_run(corpus, tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1")
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "open_clip_superclip.idf_build",
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "open_clip_superclip.tools.idf",
            *inputs, "-o", str(dist), "--no-progress", "-j", "1"]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
     a, b = loaded(single), loaded(dist)
     assert a[1] == b[1] == corpus["n"] and np.array_equal(a[0], b[0])
-    assert B.load_idf_counts(dist).meta["world_size"] == 2
+    assert idf_counts.load_idf_counts(dist).meta["world_size"] == 2
     # a corrupt shard on rank 1 (units are dealt round-robin): every rank exits non-zero, nothing written
     bad = tmp_path / "bad.tar"
     bad.write_bytes(b"\x00garbage" * 700)
@@ -497,18 +504,18 @@ def test_merge(corpus, tmp_path, capsys):
     assert n == corpus["n"] and np.array_equal(df, corpus["ref"])
     # a file from another tokenizer is refused
     other = tmp_path / "other.npz"
-    B.save_idf_counts(other, np.zeros(49408, np.int64), 5, "open_clip.HFTokenizer/x/49408/vocab-sha256=0")
+    idf_counts.save_idf_counts(other, np.zeros(49408, np.int64), 5, "open_clip.HFTokenizer/x/49408/vocab-sha256=0")
     assert run([a, other, "--merge", "-o", tmp_path / "no.npz"]) == 1
     assert "cannot merge" in capsys.readouterr().err and not (tmp_path / "no.npz").exists()
     small = tmp_path / "small.npz"
-    B.save_idf_counts(small, np.zeros(10, np.int64), 5, B.load_idf_counts(a).tokenizer)
+    idf_counts.save_idf_counts(small, np.zeros(10, np.int64), 5, idf_counts.load_idf_counts(a).tokenizer)
     assert run([a, small, "--merge", "-o", tmp_path / "no.npz"]) == 1
 
 
 def test_weights_formula(tmp_path):
     p = tmp_path / "w.npz"
-    B.save_idf_counts(p, np.array([0, 1, 4, 9]), 9, "t")
-    c = B.load_idf_counts(p)
+    idf_counts.save_idf_counts(p, np.array([0, 1, 4, 9]), 9, "t")
+    c = idf_counts.load_idf_counts(p)
     w = c.weights()
     assert str(w.dtype) == "torch.float64"
     assert np.allclose(w.numpy(), np.log(10.0 / (np.array([0, 1, 4, 9]) + 1.0)), rtol=0, atol=1e-15)
@@ -516,8 +523,8 @@ def test_weights_formula(tmp_path):
 
 def _npz(path, **fields):
     base = {
-        "format": np.array(B.FORMAT_NAME),
-        "format_version": np.array(B.FORMAT_VERSION, np.int64),
+        "format": np.array(idf_counts.FORMAT_NAME),
+        "format_version": np.array(idf_counts.FORMAT_VERSION, np.int64),
         "doc_freq": np.array([1, 2, 0], np.int64),
         "num_captions": np.array(3, np.int64),
         "vocab_size": np.array(3, np.int64),
@@ -549,14 +556,14 @@ def _npz(path, **fields):
 def test_loader_rejects_bad_fields(tmp_path, case, fields, needle):
     p = _npz(tmp_path / f"{case}.npz", **fields)
     with pytest.raises(ValueError) as e:
-        B.load_idf_counts(p)
+        idf_counts.load_idf_counts(p)
     assert str(p) in str(e.value) and needle in str(e.value)
 
 
 def test_loader_rejects_bad_files(tmp_path):
     good = tmp_path / "good.npz"
-    B.save_idf_counts(good, np.array([1, 2, 0]), 3, "tok")
-    assert B.load_idf_counts(good).num_captions == 3
+    idf_counts.save_idf_counts(good, np.array([1, 2, 0]), 3, "tok")
+    assert idf_counts.load_idf_counts(good).num_captions == 3
     raw = good.read_bytes()
     cases = {
         "missing": None,
@@ -570,14 +577,14 @@ def test_loader_rejects_bad_files(tmp_path):
         if data is not None:
             p.write_bytes(data)
         with pytest.raises(ValueError) as e:
-            B.load_idf_counts(p)
+            idf_counts.load_idf_counts(p)
         assert str(p) in str(e.value), name
     with pytest.raises(ValueError, match="vocab_size 3 does not match"):
-        B.load_idf_counts(good, vocab_size=49408)
+        idf_counts.load_idf_counts(good, vocab_size=49408)
     with pytest.raises(ValueError, match="built with tokenizer"):
-        B.load_idf_counts(good, tokenizer="other")
+        idf_counts.load_idf_counts(good, tokenizer="other")
     with pytest.raises(ValueError, match="directory"):
-        B.load_idf_counts(tmp_path)
+        idf_counts.load_idf_counts(tmp_path)
 
 
 def test_tar_reader_matches_tarfile(tmp_path):
@@ -592,11 +599,11 @@ def test_tar_reader_matches_tarfile(tmp_path):
         ti.type = tarfile.DIRTYPE
         tf.addfile(ti)
     with open(p, "rb") as f:
-        got = list(B.iter_tar_members(f, "txt", seekable=True))
+        got = list(idf_tar_reader.iter_tar_members(f, "txt", seekable=True))
     assert got == [("a/b.txt", "a/b", "txt", b"one"), ("d" * 120 + ".txt", "d" * 120, "txt", b"two"),
                    ("e.jpg", "e", "jpg", None)]
     with open(p, "rb") as f:
-        got2 = list(B.iter_tar_members(io.BufferedReader(io.BytesIO(f.read()))))
+        got2 = list(idf_tar_reader.iter_tar_members(io.BufferedReader(io.BytesIO(f.read()))))
     assert [(n, d) for n, _, _, d in got2] == [("a/b.txt", b"one"), ("d" * 120 + ".txt", b"two"),
                                                ("e.jpg", b"x" * 3000)]
 
@@ -610,7 +617,7 @@ def test_tar_bulk_path_edge_cases(tmp_path):
             key = ("k" * 120 + str(i)) if i == 1500 else f"{i:06d}"  # one pax path record mid-run
             w.write({"__key__": key, "txt": c, "jpg": bytes(300 + i % 50)})
     with open(p, "rb") as f:
-        got = [(k, d.decode()) for _, k, e, d in B.iter_tar_members(f, "txt", seekable=True) if d is not None]
+        got = [(k, d.decode()) for _, k, e, d in idf_tar_reader.iter_tar_members(f, "txt", seekable=True) if d is not None]
     with tarfile.open(p) as tf:
         ref = [(m.name.rsplit(".", 1)[0], tf.extractfile(m).read().decode()) for m in tf if m.name.endswith(".txt")]
     assert got == ref and len(got) == 3000
@@ -623,7 +630,7 @@ def test_tar_bulk_path_edge_cases(tmp_path):
     bad.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=f"at byte {hdr} .checksum"):
         with open(bad, "rb") as f:
-            list(B.iter_tar_members(f, "txt", seekable=True))
+            list(idf_tar_reader.iter_tar_members(f, "txt", seekable=True))
 
 
 def test_truncated_or_empty_shards_fail_alike_mapped_or_streamed(tmp_path):
@@ -642,8 +649,8 @@ def test_truncated_or_empty_shards_fail_alike_mapped_or_streamed(tmp_path):
         errors = []
         for url in (str(q), "pipe:cat " + str(q)):
             with pytest.raises(ValueError) as info:
-                unit = B.make_units([url], "auto")[0]
-                list(B.iter_captions(unit, B.CaptionKey.parse("txt")))
+                unit = idf_sources.make_units([url], "auto")[0]
+                list(idf_captions.iter_captions(unit, idf_sources.CaptionKey.parse("txt")))
             errors.append(str(info.value))
         assert errors[0] == errors[1], where
         assert ("empty file" if where == "empty" else "truncated") in errors[0], (where, errors[0])
@@ -661,8 +668,8 @@ def test_csv_quoting_and_columns(tmp_path, capsys):
 
 
 def test_cli_usage_errors(tmp_path):
-    assert B.main(["-o", str(tmp_path / "x.npz")]) == 2
-    assert B.main(["a.tar", "-o", str(tmp_path / "x.npz"), "--key", "txt:field"]) == 2
+    assert idf_command.main(["-o", str(tmp_path / "x.npz")]) == 2
+    assert idf_command.main(["a.tar", "-o", str(tmp_path / "x.npz"), "--key", "txt:field"]) == 2
 
 
 class _FakeHF:
@@ -689,8 +696,8 @@ class _FakeWrapper:
 
 def test_generic_tokenizer_path():
     tok = _FakeWrapper()
-    counter = B.DocFreqCounter(tok)
+    counter = idf_counter.DocFreqCounter(tok)
     counter.add_many(["a bb ccc", "dd dd", ""])
     df, n = counter.result()
     assert n == 3 and df.tolist() == [0, 1, 2, 1, 0, 0, 0, 0, 0, 0]
-    assert B.tokenizer_identity(tok).startswith("open_clip._FakeWrapper/fake/10/vocab-sha256=")
+    assert idf_counts.tokenizer_identity(tok).startswith("open_clip._FakeWrapper/fake/10/vocab-sha256=")

@@ -7,7 +7,8 @@ import pytest
 import torch
 from open_clip.tokenizer import SimpleTokenizer
 
-from open_clip_superclip.idf_build import naive_doc_freq, save_idf_counts, tokenizer_identity
+from open_clip_superclip.idf_counts import save_idf_counts, tokenizer_identity
+from open_clip_superclip.tools.idf.counter import naive_doc_freq
 from trainer_utils import captions
 
 from conftest import TINY

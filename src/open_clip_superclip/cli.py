@@ -3,8 +3,8 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
-    "idf": ("open_clip_superclip.idf_build", "main", "count caption-token document frequencies (IDF) over data"),
-    "cooccur": ("open_clip_superclip.cooccur", "main", "keyword co-occurrence tables over captions"),
+    "idf": ("open_clip_superclip.tools.idf.command", "main", "count caption-token document frequencies (IDF) over data"),
+    "cooccur": ("open_clip_superclip.tools.cooccur", "main", "keyword co-occurrence tables over captions"),
     "benchmark": ("open_clip_superclip.benchmark", "main", "run a CLIP Benchmark suite over checkpoints"),
     "make-wds": ("open_clip_superclip.make_wds", "main", "images + labels/captions -> clip_benchmark wds"),
     "export": ("open_clip_superclip.checkpoint", "export_main", "SuperCLIP checkpoint -> stock open_clip folder"),

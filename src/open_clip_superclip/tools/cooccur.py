@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import functools
 import io
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -17,18 +18,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import regex
 
-from .atomic import local_output_path, write_atomically
-from .idf_build import (
-    CaptionKey,
-    ReadStats,
-    UnitFailure,
-    _partial,
-    clean_lower,
-    expand_inputs,
-    iter_captions,
-    make_units,
-    run_units,
-)
+from ..atomic import local_output_path, write_atomically
+from .idf.captions import iter_captions
+from .idf.cleaning import clean_lower
+from .idf.parallel import UnitFailure, run_units
+from .idf.sources import CaptionKey, ReadStats, expand_inputs, make_units
 
 # words, and runs of punctuation kept as tokens so that a phrase never matches across punctuation
 _WORD_RE = regex.compile(r"[\p{L}\p{N}]+|[^\s\p{L}\p{N}]+")
@@ -240,7 +234,7 @@ def count_cooccurrence(
         if examples:
             per_unit_ex[i] = ex
 
-    task = _partial(_count_unit, groups=list(groups), key=ck, csv_key=csv_key, examples=examples)
+    task = functools.partial(_count_unit, groups=list(groups), key=ck, csv_key=csv_key, examples=examples)
     run_units(units, task, add, jobs, desc="cooccur", progress=progress, limit=limit, count_of=lambda r: r[1])
     merged: List[List[str]] = [[] for _ in groups]
     for i in sorted(per_unit_ex):
