@@ -20,6 +20,7 @@ from .tar_reader import iter_tar_runs
 
 
 def _json_field(obj, field: str):
+    """obj[field], else the dotted path field (a.b.c) into nested objects; None where absent."""
     if isinstance(obj, dict) and field in obj:
         return obj[field]
     cur = obj
@@ -32,6 +33,7 @@ def _json_field(obj, field: str):
 
 
 def _captions_of_value(value, where: str) -> List[str]:
+    """A caption field's captions: none, one string, or a list of strings; anything else is an error."""
     if value is None:
         return []
     if isinstance(value, str):
@@ -42,6 +44,7 @@ def _captions_of_value(value, where: str) -> List[str]:
 
 
 def _decode_captions(run: TarRun, ext: str) -> List[str]:
+    """The wanted members as UTF-8 text; on failure, an error naming the first sample that is not."""
     try:
         return [d.decode("utf-8") for d in run.datas]
     except UnicodeDecodeError:

@@ -254,6 +254,7 @@ def _count(args: argparse.Namespace, key: CaptionKey, urls: List[str]) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`superclip idf ARGS`; returns the exit status (0, 1 or 2: see the module docstring)."""
     args = build_parser().parse_args(argv)
     try:
         args.output = local_output_path(args.output, "-o")

@@ -64,6 +64,7 @@ def with_rank0_status(status: int) -> int:
 
 
 def destroy_process_group() -> None:
+    """End the process group all_reduce_counts created (not one the caller had)."""
     import torch.distributed as dist
 
     dist.destroy_process_group()

@@ -17,6 +17,7 @@ _PROGRESS_QUEUE = None  # in a worker: where it reports captions done
 
 
 def _worker_init(queue) -> None:
+    """In each worker: the queue its tasks report progress to (a bar cannot cross processes)."""
     global _PROGRESS_QUEUE
     _PROGRESS_QUEUE = queue
 
@@ -43,6 +44,7 @@ class UnitFailure(Exception):
 
 
 def _mp_context():
+    """fork where there is one: workers inherit the tokenizer and the ftfy gate, built once before the pool."""
     methods = mp.get_all_start_methods()
     return mp.get_context("fork" if "fork" in methods else "spawn")
 
@@ -72,6 +74,7 @@ class _Progress:
 
 
 def _drain(queue, bar) -> None:
+    """Move the captions the workers reported onto the bar."""
     try:
         while True:
             bar.update(queue.get_nowait())

@@ -86,6 +86,7 @@ def expand_inputs(inputs: Sequence[str]) -> List[str]:
 
 
 def _kind_of(url: str, input_format: str) -> Tuple[str, str]:
+    """("wds" or "csv", separator) of an input: as --input-format says, else by its extension."""
     if input_format == "wds":
         return "wds", ","
     if input_format in ("csv", "tsv"):
@@ -115,6 +116,7 @@ def make_units(
 
 
 def is_local(url: str) -> bool:
+    """A local path or file:// URL: a file the tar reader may seek in and memory-map."""
     return "://" not in url and not url.startswith("pipe:") or url.startswith("file://")
 
 

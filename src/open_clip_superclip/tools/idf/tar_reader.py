@@ -28,6 +28,7 @@ _END = object()  # the careful loop met the end-of-archive block
 
 
 def _octal(field: bytes, what: str, offset: int) -> int:
+    """A numeric header field (octal, or GNU base-256); an error naming the field and the byte offset."""
     if field[:1] and field[0] & 0x80:  # GNU base-256 for big values
         return int.from_bytes(field[1:], "big")
     s = field.split(b"\0", 1)[0].strip(b" ")
@@ -40,6 +41,7 @@ def _octal(field: bytes, what: str, offset: int) -> int:
 
 
 def _pax_records(data: bytes, offset: int) -> Dict[str, str]:
+    """The "LEN key=value\\n" records of a pax header's data."""
     out = {}
     pos = 0
     while pos < len(data):
