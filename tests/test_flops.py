@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from open_clip_superclip import flops
-from open_clip_superclip.flops import count_flops, format_report, main
+from open_clip_superclip.tools import flops
+from open_clip_superclip.tools.flops import count_flops, format_report, main
 
 B16, L16 = "SuperCLIP-ViT-B-16", "SuperCLIP-ViT-L-16"
 C = 49408  # the CLIP BPE vocabulary: the class head's outputs

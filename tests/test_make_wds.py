@@ -5,7 +5,7 @@ import tarfile
 import pytest
 from PIL import Image
 
-from open_clip_superclip import make_wds
+from open_clip_superclip.tools import make_wds
 
 COLOURS = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220)}
 

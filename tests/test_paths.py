@@ -21,7 +21,7 @@ import open_clip
 import pytest
 import torch
 
-from open_clip_superclip.cli import main as superclip
+from open_clip_superclip.tools.cli import main as superclip
 
 from conftest import TINY
 from trainer_utils import base_args, captions, make_csv, make_wds

@@ -44,4 +44,4 @@ def test_unrelated_interpreter_start_imports_nothing_heavy():
 def test_training_patches_load_with_open_clip_train():
     result = run_python("import open_clip_train.params as p; print(p.argparse.ArgumentParser.__module__, "
                         "'--superclip-lambda' in p.argparse.ArgumentParser()._option_string_actions)")
-    assert result.stdout.split() == ["open_clip_superclip.upstream_patches", "True"], result.stderr
+    assert result.stdout.split() == ["open_clip_superclip.train.plugin", "True"], result.stderr

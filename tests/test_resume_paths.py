@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from trainer_utils import base_args, make_csv
-from training_ext import fault_tolerance as ft
+from open_clip_superclip.train import fault_tolerance as ft
 
 EPOCHS = 6
 
@@ -118,3 +118,24 @@ def test_sigkilled_run_under_a_dot_folder_resumes_its_newest_whole_checkpoint_an
     assert final["epoch"] == EPOCHS
     # every epoch was trained once and counted once: 16 captions per epoch in the IDF statistics
     assert final["state_dict"]["class_idf.num_captions"] == 16 * EPOCHS
+
+
+def test_a_shard_list_none_of_which_exists_stops_instead_of_waiting_forever(tmp_path):
+    """Stock open_clip_train skips unreadable shards and its loader then waits for samples forever when none
+    opens; a local list with no existing shard now stops at once, naming the pattern. A list with one shard
+    there, or a remote one, goes to the stock function unchanged."""
+    import argparse
+
+    from open_clip_train import data
+    calls = []
+    checked = ft.stop_if_no_shard_exists(lambda args, preprocess, is_train, **kw: calls.append(args) or "stock")
+    missing = str(tmp_path / "my shards é" / "{000000..000002}.tar")
+    for get_wds_dataset in (checked, data.get_wds_dataset):  # the function, and as installed in open_clip_train
+        with pytest.raises(FileNotFoundError, match=r"--train-data .*my shards é/\{000000..000002\}.tar: none of "
+                                                    r"its 3 shard\(s\) exists"):
+            get_wds_dataset(argparse.Namespace(train_data=missing, val_data=None), None, True)
+    (tmp_path / "my shards é").mkdir()
+    (tmp_path / "my shards é" / "000001.tar").write_bytes(b"")
+    for pattern in (missing, f"file://{missing}", "s3://bucket/{0..9}.tar", "pipe:cat x.tar"):
+        assert checked(argparse.Namespace(train_data=pattern, val_data=None), None, True) == "stock"
+    assert len(calls) == 4

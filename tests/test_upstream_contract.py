@@ -1,60 +1,79 @@
-"""Fails loudly when open_clip moves under the patches in upstream_patches.py (checked on 3.0-3.3)."""
+"""Fails loudly, naming the patch, when open_clip or open_clip_train moves under a patch (open_clip_superclip.patching).
+
+One walk over every declared patch table: the upstream name still exists, the installed object is ours, the
+upstream source still does what the patch relies on, and docs/design.md lists the patch.
+"""
+import importlib
 import inspect
+import re
 from importlib.metadata import version
+from pathlib import Path
 
 import open_clip
 import pytest
 from open_clip import factory
-from open_clip_train import main as train_main
-from open_clip_train import params, train
 
-from open_clip_superclip import upstream_patches
+from open_clip_superclip import patching
+from open_clip_superclip.open_clip_patches import OPEN_CLIP_PATCHES
+from open_clip_superclip.train import plugin
+
+TABLES = {"open_clip": OPEN_CLIP_PATCHES, "open_clip_train (on import)": plugin.ON_IMPORT,
+          "open_clip_train (trainer start)": plugin.ON_TRAINER_START}
+PATCHES = [patch for table in TABLES.values() for patch in table]
+DESIGN = Path(__file__).resolve().parent.parent / "docs" / "design.md"
 
 
-def _source(obj):
-    return inspect.getsource(obj)
+@pytest.fixture(scope="module", autouse=True)
+def installed():
+    import open_clip_train.main  # noqa: F401  (the module the trainer-start patches go into)
+    patching.install(plugin.ON_TRAINER_START)
 
 
 def test_open_clip_version_in_checked_range():
     major = int(version("open_clip_torch").split(".")[0])
-    assert major == 3, f"open_clip_torch {version('open_clip_torch')}: patches checked on {upstream_patches.CHECKED_OPEN_CLIP}"
+    assert major == 3, f"open_clip_torch {version('open_clip_torch')}: patches checked on {patching.CHECKED_OPEN_CLIP}"
 
 
-def test_factory_builds_the_model_class_through_the_module_global_clip():
-    src = _source(factory.create_model)
-    assert "model_class = CLIP" in src and "model_class(**final_model_cfg, cast_dtype=cast_dtype)" in src
-    assert factory.CLIP is upstream_patches.superclip_model_class
+def test_targets_are_unique_and_every_patch_says_what_and_where_checked():
+    assert len({p.target for p in PATCHES}) == len(PATCHES)
+    for patch in PATCHES:
+        assert patch.checked and patch.why and patch.assumes, patch.target
 
 
-def test_get_tokenizer_siglip_name_trap_is_still_there():
-    src = _source(upstream_patches._require(factory, "get_tokenizer").__wrapped__)
-    assert "'siglip' in identifier.lower()" in src
-    assert open_clip.get_tokenizer is factory.get_tokenizer
+@pytest.mark.parametrize("patch", PATCHES, ids=lambda p: p.target)
+def test_each_patch_is_installed_over_the_upstream_object(patch):
+    for module in patch.target_modules():
+        current = getattr(module, patch.attribute)
+        stock = patching.stock(patch.target)
+        assert current is not stock, f"{patch.target} is still the stock object"
+        for alias in patch.aliases:
+            module_name, name = alias.rsplit(".", 1)
+            assert getattr(importlib.import_module(module_name), name) is current, alias
+        if callable(stock) and hasattr(current, "__wrapped__"):  # wrappers keep the stock signature
+            assert inspect.signature(current) == inspect.signature(stock), patch.target
 
 
-def test_params_builds_its_parser_through_module_global_argparse():
-    src = _source(params.parse_args.__wrapped__ if hasattr(params.parse_args, "__wrapped__") else params.parse_args)
-    assert "parser = argparse.ArgumentParser()" in src
-    assert "get_default_params(args.model)" in src
-    assert params.argparse.ArgumentParser.__module__ == upstream_patches.__name__
+@pytest.mark.parametrize("patch", PATCHES, ids=lambda p: p.target)
+def test_upstream_still_does_what_each_patch_relies_on(patch):
+    assert patching.broken_assumptions(patch) == []
 
 
-def test_trainer_main_binds_factory_functions_and_wraps_ddp_as_expected():
-    src = _source(train_main)
-    assert "from open_clip import create_model_and_transforms, trace_model, get_tokenizer, create_loss" in src
-    assert "DistributedDataParallel(model, device_ids=[device]" in src
-    assert "loss = create_loss(args)" in src and "model.load_state_dict(sd)" in src
+def test_a_broken_assumption_or_a_vanished_name_is_named():
+    moved = patching.Patch("open_clip.factory.no_such_name", "x", "y", replace=lambda stock: stock)
+    with pytest.raises(patching.UpstreamMoved, match="open_clip.factory.no_such_name no longer exists"):
+        patching.install([moved])
+    changed = patching.Patch("open_clip.factory.CLIP", "x", "y", replace=lambda stock: stock,
+                             assumes=(("open_clip.factory.create_model", "model_class = SomethingElse"),))
+    assert patching.broken_assumptions(changed) == [
+        "open_clip.factory.create_model no longer contains 'model_class = SomethingElse'"]
 
 
-def test_train_loop_calls_the_loss_with_model_outputs_and_concatenates_for_accumulation():
-    src = _source(train.train_one_epoch)
-    assert "losses = loss(**model_out, output_dict=True)" in src
-    assert "inputs[key] = torch.cat(accumulated[:j] + [model_out[key]] + accumulated[j + 1:])" in src
-    assert 'for f in ("logit_scale", "logit_bias"):' in src
+def test_design_doc_lists_every_patch():
+    listed = set(re.findall(r"^\| `([\w.]+)`", DESIGN.read_text(encoding="utf-8"), flags=re.MULTILINE))
+    assert {p.target for p in PATCHES} <= listed, sorted({p.target for p in PATCHES} - listed)
 
 
-@pytest.mark.parametrize("name", ["create_model_and_transforms", "create_loss"])
-def test_wrapped_factory_functions_are_ours_and_keep_the_signature(name):
-    ours = getattr(open_clip, name)
-    assert ours is getattr(factory, name)
-    assert inspect.signature(ours.__wrapped__) == inspect.signature(ours)
+def test_factory_builds_superclip_only_for_superclip_configs():
+    assert factory.CLIP is not open_clip.model.CLIP
+    assert type(factory.create_model("SuperCLIP-ViT-Tiny")).__name__ == "SuperCLIP"
+    assert type(factory.create_model("ViT-B-32")) is open_clip.model.CLIP

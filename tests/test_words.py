@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from open_clip_superclip import words as words_mod
-from open_clip_superclip.words import main, ranks_of, vocabulary_words
+from open_clip_superclip.tools import words as words_mod
+from open_clip_superclip.tools.words import main, ranks_of, vocabulary_words
 from trainer_utils import make_csv, make_wds
 
 TINY = "SuperCLIP-ViT-Tiny"

@@ -32,29 +32,67 @@ def _umask() -> int:
     return umask
 
 
-def write_atomically(path, write: Callable[[io.BufferedWriter], None]) -> None:
-    """``write(f)`` into a temp file beside ``path``, fsync, rename over ``path`` (mode from the umask)."""
+PARTIAL_MARK = ".partial-"  # atomic_save writes into the hidden folder f".{name}{PARTIAL_MARK}XXXX" beside it
+
+
+def _fsync_folder(directory: str) -> None:
+    """Makes a rename in `directory` durable where the platform allows."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def _replaced_on_success(path, same_name: bool):
+    """Yields a temporary path beside `path` for the caller to write; once the write returns, the file is
+    fsynced and renamed over `path` (mode from the umask); on any error nothing of it is left.
+
+    same_name: the temporary file has `path`'s own name, inside a hidden folder (torch.save names the archive
+    after its file, so the bytes then equal a direct save at `path`).
+    """
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
+    directory, name = os.path.split(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    if same_name:
+        holder = tempfile.mkdtemp(prefix=f".{name}{PARTIAL_MARK}", dir=directory)
+        tmp = os.path.join(holder, name)
+    else:
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+        os.close(fd)
+        holder = None
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600
         os.replace(tmp, path)
-    except BaseException:
+        _fsync_folder(directory)
+    finally:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable where the platform allows
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        if holder is not None:
+            shutil.rmtree(holder, ignore_errors=True)
+
+
+def write_atomically(path, write: Callable[[io.BufferedWriter], None]) -> None:
+    """``write(f)`` into a temp file beside ``path``, fsync, rename over ``path``: a kill leaves the old file or
+    the new one, never a part."""
+    with _replaced_on_success(path, same_name=False) as tmp:
+        with open(tmp, "wb") as f:
+            write(f)
+
+
+def atomic_save(obj, f, *args, **kwargs) -> None:
+    """``torch.save`` that never leaves a partial file at ``f`` (bytes identical to ``torch.save(obj, f)``).
+    File objects are passed to torch.save unchanged."""
+    import torch
+    if not isinstance(f, (str, os.PathLike)):
+        return torch.save(obj, f, *args, **kwargs)
+    with _replaced_on_success(f, same_name=True) as tmp:
+        torch.save(obj, tmp, *args, **kwargs)
 
 
 def _publish(staging: Path, out: Path):

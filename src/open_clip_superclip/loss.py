@@ -7,10 +7,10 @@ autocast. A caption whose weights sum to 0 adds 0.
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .distributed import all_reduce_sum
 from .idf import (CLIP_EOT_TOKEN_ID, CLIP_SOT_TOKEN_ID, CLIP_VOCAB_SIZE, IDFStatistics, batch_document_frequency,
                   distinct_caption_tokens, idf_weights, validate_idf_mode)
 
@@ -22,12 +22,6 @@ def validate_class_loss_weight(weight: float) -> float:
     if not weight >= 0.0 or weight == float("inf"):
         raise ValueError(f"the class loss weight (lambda) must be a finite number >= 0, got {weight}")
     return weight
-
-
-def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
 
 
 class ClassificationAugmentedLoss(nn.Module):
@@ -108,7 +102,7 @@ class ClassificationAugmentedLoss(nn.Module):
         counts = torch.cat([batch_df, batch_n])
         if self.statistics_update == "on_commit":
             counts = counts * self._new_on_this_rank(tokens)  # before the all-reduce: each rank decides for itself
-        counts = _all_reduce_sum(counts)
+        counts = all_reduce_sum(counts)
         batch_df, batch_n = counts[:-1], counts[-1]
         stats = self.statistics
         if self.statistics_update == "per_call":

@@ -17,7 +17,6 @@ from .idf import CLIP_EOT_TOKEN_ID, CLIP_SOT_TOKEN_ID, CLIP_VOCAB_SIZE, IDFStati
 
 _logger = logging.getLogger(__name__)
 
-CLASS_HEAD_PREFIXES = ("class_head.", "class_idf.")
 CLASS_LOSS_IMPLS = ("dense", "chunked")
 # Below this many rows under 16-bit autocast, dense is the faster class loss on CPU; see auto_class_loss_impl.
 CPU_AUTOCAST_CHUNKED_MIN_ROWS = 256
@@ -163,13 +162,3 @@ class SuperCLIP(CLIP):
             out["class_logsumexp"], out["class_token_logits"] = fused_head_logsumexp(
                 head.norm(patch_mean), head.proj.weight, head.proj.bias, class_tokens)
         return out
-
-
-def is_class_head_key(key: str) -> bool:
-    key = key[len("module."):] if key.startswith("module.") else key
-    return key.startswith(CLASS_HEAD_PREFIXES)
-
-
-def to_stock_state_dict(state_dict: dict) -> dict:
-    """A SuperCLIP state dict without the head and statistics: loads into the stock CLIP of the same towers."""
-    return {k: v for k, v in state_dict.items() if not is_class_head_key(k)}

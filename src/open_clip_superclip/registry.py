@@ -1,35 +1,14 @@
-"""Registration into open_clip: our model configs and the factory patches (entry point ``open_clip.plugins``)."""
-import json
-from pathlib import Path
-
-MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+"""Registration into open_clip (the ``open_clip.plugins`` entry point): our model configs and open_clip's patches."""
 
 
 def register():
-    """The ``open_clip.plugins`` entry point: makes stock open_clip know the SuperCLIP models. Idempotent."""
+    """Makes stock open_clip know the SuperCLIP models. Idempotent."""
     import open_clip
     from open_clip import factory
 
-    from .upstream_patches import install_core
+    from .configs import MODEL_CONFIG_DIR
+    from .open_clip_patches import OPEN_CLIP_PATCHES
+    from .patching import install
     if MODEL_CONFIG_DIR not in factory._MODEL_CONFIG_PATHS:
         open_clip.add_model_config(MODEL_CONFIG_DIR)
-    install_core()
-
-
-def list_superclip_models():
-    return sorted(path.stem for path in MODEL_CONFIG_DIR.glob("*.json"))
-
-
-def superclip_config(model_name: str):
-    """The model config if ``model_name`` (a built-in name or ``local-dir:``) is a SuperCLIP one, else None."""
-    from open_clip import get_model_config
-    try:
-        config = get_model_config(model_name) if model_name else None
-    except (OSError, ValueError):
-        return None
-    return config if config and config.get("superclip_cfg") is not None else None
-
-
-def load_config_file(path) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    install(OPEN_CLIP_PATCHES)

@@ -89,7 +89,7 @@ def run_words(runs: Path, clip: CellRun, superclip: CellRun, data: Data, runtime
     folder.mkdir(parents=True, exist_ok=True)
     words = "\n".join(word_list(data)) + "\n"
     write_atomically(folder / "words.txt", lambda f: f.write(words.encode()))
-    argv = [sys.executable, "-m", "open_clip_superclip.cli", "words"]
+    argv = [sys.executable, "-m", "open_clip_superclip.tools.cli", "words"]
     for run in (clip, superclip):  # relative paths (cwd = runs): the plot labels the models with them
         argv += ["--model", MODEL, "--pretrained", str(run.final_checkpoint().relative_to(runs))]
     argv += ["--images", data.word_images, "--words", str(folder / "words.txt"), "--template", WORD_TEMPLATE,

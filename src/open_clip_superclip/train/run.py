@@ -1,4 +1,4 @@
-"""What the patched open_clip_train calls: the run's model form, its loss, and the statistics commit.
+"""What the patched open_clip_train calls for a run: its model form, its loss, and the statistics commit.
 
 The trainer's parse_args, model factory and create_loss are separate upstream calls that share only ``args``;
 the parsed run is kept here (one per process) so the model built for it and its loss can be tied together.
@@ -15,12 +15,6 @@ _run: Optional[object] = None
 _model = None
 
 
-def register():
-    """The ``open_clip_train.plugins`` entry point."""
-    from open_clip_superclip.upstream_patches import install_training
-    install_training()
-
-
 def start_run(args) -> None:
     global _run, _model
     _run, _model = args, None
@@ -28,7 +22,7 @@ def start_run(args) -> None:
 
 def model_overrides(model_name: str) -> dict:
     """Extra create_model kwargs for the run's model: add the head to a stock ViT, or drop it for lambda 0."""
-    from open_clip_superclip.registry import superclip_config
+    from ..configs import superclip_config
     if _run is None or model_name != _run.model:
         return {}
     super_model = superclip_config(model_name) is not None
@@ -54,7 +48,7 @@ def wrap_loss(args, contrastive_loss):
     """The stock loss, or for a SuperCLIP run the stock loss inside ClassificationAugmentedLoss."""
     if not getattr(args, "superclip", False):
         return contrastive_loss
-    from open_clip_superclip import ClassificationAugmentedLoss
+    from ..loss import ClassificationAugmentedLoss
     if _model is None:
         raise RuntimeError("SuperCLIP: create_loss was called before the run's model was created")
     cfg = _model.superclip_cfg
@@ -80,9 +74,9 @@ def load_fixed_idf_weights(path: str, model_name: str) -> torch.Tensor:
     """float64 [V] weights log((N+1)/(df+1)) from a `superclip idf` file; ValueError if it does not fit the
     model's vocabulary or tokenizer (checked when arguments are parsed, before anything is built)."""
     import open_clip
-    from open_clip_superclip.idf_build import load_idf_counts, tokenizer_identity
-    from open_clip_superclip.model import SuperCLIPCfg
-    from open_clip_superclip.registry import superclip_config
+    from ..configs import superclip_config
+    from ..idf_counts import load_idf_counts, tokenizer_identity
+    from ..model import SuperCLIPCfg
     config = superclip_config(model_name) or {}
     vocab_size = SuperCLIPCfg(**(config.get("superclip_cfg") or {})).vocab_size
     counts = load_idf_counts(path, vocab_size=vocab_size,

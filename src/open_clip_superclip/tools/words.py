@@ -17,11 +17,15 @@ import re
 import sys
 from dataclasses import dataclass
 from functools import partial
-from typing import List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
-from .atomic import local_output_path, write_atomically
+from open_clip_superclip.atomic import local_output_path, write_atomically
+
+from ._plots import figure, png_bytes
+
+if TYPE_CHECKING:
+    import torch
 
 
 DEFAULT_TEMPLATE = "a photo of {}"
@@ -103,7 +107,9 @@ def resolve_images(specs: Sequence[str]) -> ImageSet:
     return ImageSet(files, shards)
 
 
-class _ImageFiles(torch.utils.data.Dataset):
+class _ImageFiles:
+    """A map-style dataset (what torch's DataLoader needs) over image files."""
+
     def __init__(self, files, preprocess):
         self.files, self.preprocess = files, preprocess
 
@@ -134,6 +140,7 @@ def _sample_image(sample, preprocess):
 
 def image_loaders(images: ImageSet, preprocess, batch_size: int, workers: int):
     """DataLoaders over the folder images, then the shards (webdataset splits shards among workers)."""
+    import torch
     import webdataset as wds
 
     loaders = []
@@ -149,10 +156,15 @@ def image_loaders(images: ImageSet, preprocess, batch_size: int, workers: int):
     return loaders
 
 
-@torch.inference_mode()
 def mean_image_embedding(model, preprocess, images: ImageSet, batch_size: int, max_images: Optional[int],
                          workers: int, device, progress: bool = True) -> Tuple[torch.Tensor, int]:
     """The mean of the images' normalised embeddings (float64) and how many images went into it."""
+    import torch
+    with torch.inference_mode():
+        return _mean_image_embedding(model, preprocess, images, batch_size, max_images, workers, device, progress)
+
+
+def _mean_image_embedding(model, preprocess, images, batch_size, max_images, workers, device, progress):
     from tqdm import tqdm
 
     total, count = None, 0
@@ -178,17 +190,18 @@ def mean_image_embedding(model, preprocess, images: ImageSet, batch_size: int, m
 
 
 # ------------------------------------------------------------------------------------------------ scores
-@torch.inference_mode()
 def word_scores(model, tokenizer, words: Sequence[str], template: str, mean_image: torch.Tensor,
                 batch_size: int, device, progress: bool = True) -> np.ndarray:
     """Mean cosine similarity of each word's prompt embedding to the images (float64, in `words` order)."""
+    import torch
     from tqdm import tqdm
 
     scores = []
-    for start in tqdm(range(0, len(words), batch_size), desc="words", unit="batch", disable=not progress):
-        prompts = [template.format(word) for word in words[start:start + batch_size]]
-        features = model.encode_text(tokenizer(prompts).to(device), normalize=True).double()
-        scores.append((features @ mean_image).cpu().numpy())
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(words), batch_size), desc="words", unit="batch", disable=not progress):
+            prompts = [template.format(word) for word in words[start:start + batch_size]]
+            features = model.encode_text(tokenizer(prompts).to(device), normalize=True).double()
+            scores.append((features @ mean_image).cpu().numpy())
     return np.concatenate(scores)
 
 
@@ -263,12 +276,8 @@ def ranking_csv(words: Sequence[str], rankings: Sequence[Ranking]) -> str:
 
 def ranking_png(words: Sequence[str], rankings: Sequence[Ranking]) -> bytes:
     """Two models: rank vs rank with the most-moved words labelled; one model: score vs rank, ends labelled."""
-    import matplotlib
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(8, 8) if len(rankings) == 2 else (9, 5), dpi=120)
-    axes = figure.subplots()
+    fig = figure(*((8, 8) if len(rankings) == 2 else (9, 5)), dpi=120, layout=None)
+    axes = fig.subplots()
     n = len(words)
     if len(rankings) == 2:
         first, second = rankings
@@ -294,9 +303,7 @@ def ranking_png(words: Sequence[str], rankings: Sequence[Ranking]) -> bytes:
         axes.set_xlabel("rank (1 = most similar)")
         axes.set_ylabel("mean cosine similarity to the images")
         axes.set_title(f"word-image similarity: {only.label}", fontsize=9)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", bbox_inches="tight")
-    return buffer.getvalue()
+    return png_bytes(fig)
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
@@ -338,8 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--png", default="word_ranking.png", help="rank plot (default word_ranking.png)")
     parser.add_argument("--batch-size", type=int, default=128, help="images / prompts per forward pass (default 128)")
     parser.add_argument("--workers", type=int, default=2, help="image loading processes (default 2; 0 = in-process)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
@@ -391,6 +397,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     import open_clip_superclip  # noqa: F401  (registers the SuperCLIP configs even with auto-loading off)
     _validate(parser, args)
+    if args.device is None:
+        import torch
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         for flag in ("csv", "png"):  # before the model runs: a bad output path fails in a second, not after it
             try:

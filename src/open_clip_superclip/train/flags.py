@@ -4,7 +4,8 @@ import math
 import os
 import re
 
-from open_clip_superclip.idf import IDF_MODES
+from ..idf import IDF_MODES
+from . import dual_caption, run
 
 SUPERCLIP_DEFAULTS = {
     "superclip_lambda": 1.0,
@@ -35,8 +36,7 @@ def add_superclip_args(parser: argparse.ArgumentParser) -> None:
                        help="Optimizer steps with a NaN/inf loss are skipped; more than N consecutive ones stop the "
                             "run (exit 1) after saving the last good state (default 20; 0 stops at the first; "
                             "-1 turns the guard and its per-step host sync off).")
-    from training_ext.dual_caption import add_dual_caption_args
-    add_dual_caption_args(parser)
+    dual_caption.add_dual_caption_args(parser)
 
 
 def _given(args, name):
@@ -45,9 +45,7 @@ def _given(args, name):
 
 def finalize_superclip_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
     """Validates our flags and sets ``args.superclip`` (whether the class head trains in this run)."""
-    from open_clip_superclip.registry import superclip_config
-    from open_clip_superclip.upstream_patches import install_trainer_process
-    from training_ext import hooks
+    from ..configs import superclip_config
 
     _check_resume_file(parser, getattr(args, "resume", None))
     lam = args.superclip_lambda
@@ -58,9 +56,8 @@ def finalize_superclip_args(parser: argparse.ArgumentParser, args: argparse.Name
         parser.error(f"--superclip-idf must be one of {', '.join(IDF_MODES)} or an existing IDF counts file "
                      f"(written by `superclip idf`), got {idf!r}")
     if idf is not None and idf not in IDF_MODES:
-        from training_ext.hooks import load_fixed_idf_weights
         try:
-            load_fixed_idf_weights(idf, args.model)
+            run.load_fixed_idf_weights(idf, args.model)
         except ValueError as error:
             parser.error(f"--superclip-idf: {error}")
     if args.superclip_max_bad_steps is not None and args.superclip_max_bad_steps < -1:
@@ -81,10 +78,7 @@ def finalize_superclip_args(parser: argparse.ArgumentParser, args: argparse.Name
     for name, default in SUPERCLIP_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, default if args.superclip or name != "superclip_lambda" else lam)
-    from training_ext.dual_caption import finalize_dual_caption_args
-    finalize_dual_caption_args(parser, args)
-    hooks.start_run(args)
-    install_trainer_process()
+    dual_caption.finalize_dual_caption_args(parser, args)
     return args
 
 
@@ -104,7 +98,7 @@ def _check_resume_file(parser, resume) -> None:
 
 def _check_stock_model_can_take_head(parser, model_name):
     from open_clip import get_model_config
-    from open_clip_superclip.model import check_head_attachable
+    from ..model import check_head_attachable
 
     config = get_model_config(model_name)
     if config is None:

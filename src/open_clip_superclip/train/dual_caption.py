@@ -6,7 +6,7 @@ each sample's text tensor is ``contrastive tokens [context_length]`` followed, f
 short caption, or from the long one with probability ``--caption-mix-long-ratio``; the class tokens from the
 caption(s) chosen by ``--superclip-class-caption`` and are not cut at 77 tokens.
 
-How it plugs in (patches in open_clip_superclip.upstream_patches): get_wds_dataset / get_csv_dataset build the
+How it plugs in (patches in open_clip_superclip.train.plugin): get_wds_dataset / get_csv_dataset build the
 stock pipeline with a `DualCaptionTokenizer` in place of the run's tokenizer. For webdataset a `LongCaptionStage`
 runs right after the tar reader and replaces each sample's ``txt`` with a small JSON payload (the chosen captions);
 for CSV the patched CsvDataset reads the long column and hands out the same payloads. The stock ``tokenizer(text)``
@@ -457,28 +457,31 @@ def format_counts(counts: dict, config: DualCaptionConfig) -> str:
     return text
 
 
-def train_dataset_fn(stock_fn, kind: str):
+def train_dataset_fn(stock_fn, kind: str, insert_sample_stage=None):
     """open_clip_train's dataset function for ``kind`` ('webdataset' / 'csv'), building the DualCaption pipeline
-    for training data when the run asks for it and calling the stock function unchanged otherwise."""
+    for training data when the run asks for it and calling the stock function unchanged otherwise.
+
+    insert_sample_stage(data_info, stage): for webdataset, how a stage joins the stock pipeline right after its
+    tar reader (it relies on upstream internals, so it lives with the patches: train.plugin)."""
 
     @functools.wraps(stock_fn)
     def dataset_fn(args, preprocess_fn, is_train, epoch=0, tokenizer=None):
         config = DualCaptionConfig.from_args(args, kind) if is_train else None
         if config is None:
             return stock_fn(args, preprocess_fn, is_train, epoch=epoch, tokenizer=tokenizer)
-        return _build_dual_caption_data(stock_fn, kind, config, args, preprocess_fn, epoch, tokenizer)
+        return _build_dual_caption_data(stock_fn, kind, config, args, preprocess_fn, epoch, tokenizer,
+                                        insert_sample_stage)
 
     return dataset_fn
 
 
-def _build_dual_caption_data(stock_fn, kind, config, args, preprocess_fn, epoch, tokenizer):
-    from open_clip_superclip.upstream_patches import insert_wds_sample_stage
+def _build_dual_caption_data(stock_fn, kind, config, args, preprocess_fn, epoch, tokenizer, insert_sample_stage):
     counters = CaptionCounters()
     chooser = CaptionChooser(config, counters)
     dual_tokenizer = DualCaptionTokenizer(tokenizer, chooser)
     info = stock_fn(args, preprocess_fn, True, epoch=epoch, tokenizer=dual_tokenizer)
     if kind == "webdataset":
-        insert_wds_sample_stage(info, LongCaptionStage(chooser))
+        insert_sample_stage(info, LongCaptionStage(chooser))
     source = f"webdataset member {config.long_key}" if kind == "webdataset" else f"CSV column {config.long_key}"
     _logger.info(f"DualCaption: {config.describe(source)}")
     info.dataloader = _LoaderWithCaptionReport(info.dataloader, counters, config, args, epoch)

@@ -39,13 +39,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .atomic import local_output_path, write_atomically
-from .checkpoint import SCHEMA_PREFIXES, read_run_settings, superclip_counterpart
+from open_clip_superclip.atomic import local_output_path, write_atomically
+from ._clip_benchmark import eval_argv, literal_braces
+from ._plots import figure, png_bytes
+from .checkpoints import SCHEMA_PREFIXES, read_run_settings, superclip_counterpart
 
 TASKS = ("zeroshot_classification", "zeroshot_retrieval")
 LOG_NAME = "clip_benchmark.log"  # one per model, under OUT/runs/N-LABEL/
 TABLE_FIELDS = ("model", "architecture", "pretrained", "dataset", "task", "metric", "value", "status", "error")
-_WORKER = "import sys; from open_clip_superclip.benchmark import worker_main; sys.exit(worker_main(sys.argv[1:]))"
+_WORKER = "import sys; from open_clip_superclip.tools.benchmark import worker_main; sys.exit(worker_main(sys.argv[1:]))"
 
 
 class SuiteError(ValueError):
@@ -215,20 +217,12 @@ def _checkpoint_arg(text: str, model: Optional[str]) -> Model:
 
 
 # -------------------------------------------------------------------------------------------------- running
-def _literal_braces(text: str) -> str:
-    """clip_benchmark calls str.format on --output and --dataset_root."""
-    return text.replace("{", "{{").replace("}", "}}")
-
-
 def clip_benchmark_argv(run: Run, options) -> list[str]:
     """The `clip_benchmark eval` arguments of one run."""
-    argv = ["--model", run.model.model, "--pretrained", run.model.pretrained,
-            "--dataset", f"wds/{run.dataset.name}", "--dataset_root", _literal_braces(str(run.dataset.root)),
-            "--split", run.dataset.split, "--task", run.dataset.task,
-            "--output", _literal_braces(str(run.output)),
-            "--batch_size", str(options.batch_size), "--num_workers", str(options.num_workers),
-            "--recall_k", *map(str, options.recall_k)]
-    return argv + (["--no_amp"] if options.no_amp else [])
+    return eval_argv(run.model.model, run.model.pretrained, f"wds/{run.dataset.name}",
+                     literal_braces(run.dataset.root), run.dataset.task, literal_braces(run.output),
+                     batch_size=options.batch_size, num_workers=options.num_workers, recall_k=options.recall_k,
+                     no_amp=options.no_amp, extra=("--split", run.dataset.split))
 
 
 def _write_status(run_status: Path, error: Optional[str], seconds: float = 0.0):
@@ -354,18 +348,14 @@ def write_tables(rows: list[dict], out: Path) -> None:
 
 def plot_results(rows: list[dict], path: Path) -> None:
     """Grouped bars: one group per dataset x metric, one bar per model; failed model x dataset pairs marked x."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     models = list(dict.fromkeys(row["model"] for row in rows))
     groups = list(dict.fromkeys((row["dataset"], row["metric"]) for row in rows if row["status"] == "ok"))
     groups += [(d, "") for d in dict.fromkeys(row["dataset"] for row in rows) if d not in {g[0] for g in groups}]
     values = {(row["model"], row["dataset"], row["metric"]): row["value"] for row in rows if row["status"] == "ok"}
     failed = {(row["model"], row["dataset"]) for row in rows if row["status"] == "failed"}
 
-    figure = Figure(figsize=(max(6.0, 0.35 * len(groups) * max(1, len(models)) + 2), 4.5))
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
+    fig = figure(max(6.0, 0.35 * len(groups) * max(1, len(models)) + 2), 4.5, dpi=120, layout="tight")
+    axes = fig.add_subplot()
     width = 0.8 / max(1, len(models))
     for m, model in enumerate(models):
         xs = [g + (m - (len(models) - 1) / 2) * width for g in range(len(groups))]
@@ -380,10 +370,7 @@ def plot_results(rows: list[dict], path: Path) -> None:
     axes.set_ylabel("score")
     axes.set_title("CLIP Benchmark (x: run failed)" if failed else "CLIP Benchmark")
     axes.legend(fontsize=8)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=120)
-    data = buffer.getvalue()
+    data = png_bytes(fig)
     write_atomically(path, lambda f: f.write(data))
 
 
@@ -393,7 +380,7 @@ def build_parser():
         prog="superclip benchmark",
         description="Evaluate checkpoints on a suite of local webdataset folders with CLIP Benchmark "
                     "(clip_benchmark eval) and write a results table and chart.",
-        epilog="Suite format: see `python -c 'import open_clip_superclip.benchmark as b; print(b.__doc__)'` "
+        epilog="Suite format: see `python -c 'import open_clip_superclip.tools.benchmark as b; print(b.__doc__)'` "
                "or docs/evaluation.md.")
     parser.add_argument("suite", help="suite file (YAML): datasets, optionally models")
     parser.add_argument("--out", required=True, help="output folder (results.csv, results.md, results.png, runs/)")

@@ -3,57 +3,29 @@ and a guard that skips optimizer steps whose loss is not finite.
 
 Stock open_clip_train writes ``epoch_N.pt`` in place (a kill mid-save leaves a truncated newest file) and its
 ``--resume latest`` resumes the last ``*.pt`` in natural order, temporary files included. The functions here are
-installed into open_clip_train by open_clip_superclip.upstream_patches.install_fault_tolerance; healthy runs
-write byte-identical checkpoints and take bit-identical steps. See docs/fault_tolerance.md.
+installed into open_clip_train by open_clip_superclip.train.plugin; healthy runs write byte-identical checkpoints
+and take bit-identical steps. See docs/fault_tolerance.md.
 """
 import contextlib
+import functools
 import glob
 import logging
 import os
+import re
 import shutil
-import tempfile
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
+from ..atomic import PARTIAL_MARK, atomic_save
+from ..distributed import all_reduce_sum
+
 _logger = logging.getLogger(__name__)
 
-PARTIAL_MARK = ".partial-"  # atomic_save writes into the hidden folder f".{name}{PARTIAL_MARK}XXXX" next to f
 STOCK_TEMP_NAME = "tmp.pt"  # open_clip_train.main's temporary file for --save-most-recent
 STOP_CHECKPOINT_PREFIX = "nonfinite_stop_"
 INJECT_ENV = "SUPERCLIP_TEST_NONFINITE_LOSS"  # test-only, see NonFiniteInjection
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_save(obj, f, *args, **kwargs) -> None:
-    """``torch.save`` that never leaves a partial file at ``f``: a kill leaves the old file or the new one.
-
-    Writes to a file of the same name in a hidden folder next to ``f`` (so the bytes equal those torch.save
-    writes at ``f``: torch names the archive after the file), fsyncs it, renames it over ``f`` and fsyncs the
-    directory. File objects are passed to torch.save unchanged.
-    """
-    if not isinstance(f, (str, os.PathLike)):
-        return torch.save(obj, f, *args, **kwargs)
-    path = os.path.abspath(os.fspath(f))
-    folder, name = os.path.split(path)
-    partial_dir = tempfile.mkdtemp(prefix=f".{name}{PARTIAL_MARK}", dir=folder)
-    try:
-        partial = os.path.join(partial_dir, name)
-        torch.save(obj, partial, *args, **kwargs)
-        _fsync(partial)
-        os.replace(partial, path)
-        if os.name == "posix":
-            _fsync(folder)
-    finally:
-        shutil.rmtree(partial_dir, ignore_errors=True)
 
 
 def _is_resume_candidate(below_root: str) -> bool:
@@ -101,6 +73,29 @@ def latest_loadable_checkpoint(path: str, remote: bool, sort_key: Callable, load
         return candidate
     _logger.info(f"--resume latest: no loadable checkpoint in {path}")
     return None
+
+
+_URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")  # s3://, gs://, https://, pipe:, file://
+
+
+def stop_if_no_shard_exists(stock_get_wds_dataset):
+    """open_clip_train's webdataset reader skips a shard it cannot open with a warning; when none opens, its
+    training loader waits for samples forever (hundreds of thousands of warnings a minute, no exit). A shard list
+    of local files none of which exists stops the run at once instead, naming the pattern. Lists with a missing
+    shard among existing ones, and remote lists, behave as in stock open_clip."""
+    @functools.wraps(stock_get_wds_dataset)
+    def get_wds_dataset(args, preprocess_img, is_train, *more, **kwargs):
+        from open_clip_train.data import expand_urls
+        flag, pattern = ("--train-data", args.train_data) if is_train else ("--val-data", args.val_data)
+        urls, _ = expand_urls(pattern) if isinstance(pattern, str) else ([], None)
+        local = [url[len("file://"):] if url.startswith("file://") else url for url in urls
+                 if url.startswith("file://") or not _URL_SCHEME.match(url)]
+        if urls and len(local) == len(urls) and not any(os.path.exists(path) for path in local):
+            raise FileNotFoundError(f"{flag} {pattern}: none of its {len(urls)} shard(s) exists (the first: "
+                                    f"{local[0]}); check the path and the brace pattern")
+        return stock_get_wds_dataset(args, preprocess_img, is_train, *more, **kwargs)
+
+    return get_wds_dataset
 
 
 class NonFiniteLossError(RuntimeError):
@@ -176,12 +171,6 @@ class _GatedScaler:
             self._scaler.update(*args, **kwargs)
 
 
-def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
-
-
 class NonFiniteLossGuard:
     """Skips every optimizer step whose loss (any component, on any rank) is NaN or inf, and stops the run after
     more than ``max_bad_steps`` consecutive ones.
@@ -238,7 +227,7 @@ class NonFiniteLossGuard:
         values = {name: value for name, value in (self._losses or {}).items() if name != "loss"}
         values["loss"] = total_loss
         flags = torch.stack([~torch.isfinite(v.detach()).all() for v in values.values()]).to(torch.float32)
-        counts = _all_reduce_sum(flags).tolist()
+        counts = all_reduce_sum(flags).tolist()
         bad = {name: int(n) for name, n in zip(values, counts) if n}
         if len(bad) > 1:
             bad.pop("loss")  # the total is named only when no component is to blame (the sum overflowed)

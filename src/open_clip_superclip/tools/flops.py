@@ -24,7 +24,6 @@ import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
-import torch
 
 # FlopCounterMode's ops that multiply two activations (attention scores and their weighted sum); every other
 # op it counts (mm, addmm, convolution, ...) multiplies by a weight.
@@ -142,6 +141,7 @@ def count_macs(fn, *args) -> OpCount:
     and the MATH backend of scaled_dot_product_attention decomposes into bmm, which it does know (the CPU
     flash kernel, for one, has no FLOP formula in torch 2.x).
     """
+    import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -165,6 +165,7 @@ def _quiet_logging():
 def build_meta_model(name: str):
     """The model with every tensor on the meta device: shapes only, so even L/16 builds in a fraction of a second."""
     import open_clip
+    import torch
     with _quiet_logging(), torch.device("meta"):
         model = open_clip.create_model(name, device="meta")
     return model.eval()
@@ -172,6 +173,7 @@ def build_meta_model(name: str):
 
 def count_flops(name: str, batch_size: int = PAPER_BATCH_SIZE) -> FlopsReport:
     """Counts one sample through each tower and the head (batch 1), the losses for `batch_size`."""
+    import torch
     from open_clip.transformer import to_2tuple
 
     if batch_size < 1:

@@ -21,7 +21,7 @@ import shlex
 import sys
 import warnings
 from pathlib import Path
-from .atomic import is_nonempty_dir, local_output_path, staging_dir
+from open_clip_superclip.atomic import is_nonempty_dir, local_output_path, staging_dir
 
 # Extensions clip_benchmark's wds loader decodes; anything else is re-encoded.
 NATIVE_EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
