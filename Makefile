@@ -26,6 +26,7 @@ experiment: install
 
 bench: install
 	$(PY) bench/run.py
+	$(PY) bench/bench_imports.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info demo_data demo_report demo_runs
