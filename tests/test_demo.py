@@ -151,7 +151,8 @@ def test_changed_settings_start_a_cell_over(tmp_path, smoke_data):
 
 # ------------------------------------------------------------------------------------------ real pipelines
 def test_demo_smoke_pipeline_writes_the_report(tmp_path, smoke_data, capsys):
-    runs, out = tmp_path / "runs", tmp_path / "report"
+    # the output folders where users keep them: under a dot-folder, with a space and an accent
+    runs, out = tmp_path / ".cache" / "démo runs", tmp_path / ".cache" / "démo report"
     assert _main("--smoke", 1, "--data", smoke_data, "--runs", runs, "--out", out) == 0
     printed = capsys.readouterr().out
     for stage in ("[1/5] data", "[2/5] train", "[3/5] benchmark", "[4/5] word", "[5/5] report"):
@@ -189,7 +190,7 @@ def test_demo_smoke_pipeline_writes_the_report(tmp_path, smoke_data, capsys):
     ranking = (out / "word_ranking.csv").read_text().splitlines()
     assert ranking[0].startswith("word,rank_1,score_1,rank_2,score_2")
     assert len(ranking) - 1 == len(demo_data.word_list(_data(smoke_data)))
-    assert not list(tmp_path.glob("report.tmp-*"))  # the report was built aside and renamed
+    assert not list(out.parent.glob("démo report.tmp-*"))  # the report was built aside and renamed
 
     # the README's "the numbers repeat exactly", at smoke size: the SuperCLIP cell trained and evaluated again
     # from nothing (the CLIP cell is reused, as a finished cell is) gives the same losses, metrics, table and
