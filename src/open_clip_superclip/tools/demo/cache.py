@@ -1,5 +1,6 @@
 """The data builders' cache rule: a folder whose manifest has the same format, settings and versions is reused."""
 import json
+import sys
 from pathlib import Path
 
 from open_clip_superclip.atomic import is_nonempty_dir
@@ -19,3 +20,15 @@ def up_to_date_manifest(out: Path, format_version: int, settings: dict, versions
     elif is_nonempty_dir(out) and not force:
         raise FileExistsError(f"{out} is not empty and has no manifest.json; refusing to replace it (--force)")
     return None
+
+
+def build_command(build, out, summarize) -> int:
+    """The builders' command tail: build() (errors: exit 2 with the message), then the summary of a new build."""
+    try:
+        manifest = build()
+    except (FileExistsError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not manifest.get("cached"):
+        print(summarize(manifest, Path(out).absolute()))
+    return 0

@@ -40,7 +40,7 @@ from pathlib import Path
 
 from open_clip_superclip.atomic import is_nonempty_dir, staging_dir
 from ..make_wds import write_classification, write_retrieval
-from .cache import up_to_date_manifest
+from .cache import build_command, up_to_date_manifest
 
 FORMAT_VERSION = 1
 SYSTEM_SOURCE = Path("/usr/share/openclipart")
@@ -566,16 +566,9 @@ def main(argv=None) -> int:
         print("error: --limit and --min-class-size must be >= 1, --image-size >= 8, --heldout-frac in [0, 1)",
               file=sys.stderr)
         return 2
-    try:
-        manifest = build(args.out, source=args.source, cache=args.cache, image_size=args.image_size,
-                         heldout_frac=args.heldout_frac, seed=args.seed, limit=args.limit,
-                         min_class_size=args.min_class_size, force=args.force)
-    except (FileExistsError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if not manifest.get("cached"):
-        print(summary(manifest, Path(args.out).absolute()))
-    return 0
+    return build_command(lambda: build(args.out, source=args.source, cache=args.cache, image_size=args.image_size,
+                                       heldout_frac=args.heldout_frac, seed=args.seed, limit=args.limit,
+                                       min_class_size=args.min_class_size, force=args.force), args.out, summary)
 
 
 if __name__ == "__main__":

