@@ -251,11 +251,10 @@ def test_experiment_cell_resumes_and_is_skipped_when_finished(tmp_path, smoke_da
     assert logs == {name: (cell / name).read_text() for name in logs}
 
 
-def test_extended_experiment_smoke_dual_caption_and_fine_tuning_and_a_rerun_repeats(tmp_path, smoke_data,
-                                                                                      clipart_source, capsys):
+def test_extended_experiment_smoke_dual_caption_and_fine_tuning(tmp_path, smoke_data, clipart_source):
     """The DualCaption arm and a fine-tuning cell (which waits for the OpenMoji CLIP it starts from) run through
-    the real trainer and clip_benchmark; the report has their sections; a rerun of a cell gives the same numbers
-    (its input order is fixed by the seed: the spread over seeds is the seeds' alone)."""
+    the real trainer and clip_benchmark, and the report has their sections. (That a rerun of a cell repeats its
+    numbers exactly, so the spread over seeds is the seeds' alone: test_demo_smoke_pipeline_writes_the_report.)"""
     runs, out = tmp_path / "runs", tmp_path / "report"
     args = ("--experiment", "--smoke", 1, "--data", smoke_data, "--runs", runs, "--out", out,
             "--clipart-data", tmp_path / "clip art", "--clipart-source", clipart_source)
@@ -272,9 +271,5 @@ def test_extended_experiment_smoke_dual_caption_and_fine_tuning_and_a_rerun_repe
     for png in ("dual_curves.png", "finetune_curves.png"):
         _png_size(out / png)
     assert "clipart-superclip-dual-s0" in (out / "seeds.md").read_text()
-
-    first = json.loads((runs / "clipart-superclip-dual-s0/result.json").read_text())
-    assert _main(*args, "--cell", "clipart-superclip-dual-s0", "--retrain") == 0
-    again = json.loads((runs / "clipart-superclip-dual-s0/result.json").read_text())
-    assert again["epochs"] == first["epochs"] and again["losses"] == first["losses"]
-    assert first["losses"] and first["epochs"][-1]["metrics"]["clipart_category"]["acc1"] is not None
+    result = json.loads((runs / "clipart-superclip-dual-s0/result.json").read_text())
+    assert result["losses"] and result["epochs"][-1]["metrics"]["clipart_category"]["acc1"] is not None
