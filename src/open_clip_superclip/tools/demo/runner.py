@@ -422,6 +422,8 @@ def run_cells(cell_runs: list, runtime: Runtime, retrain: bool, on_finished=None
     scheduled = {run.cell.name for run in cell_runs}
 
     def one(run: CellRun):
+        if runtime.processes.stopping:  # queued behind a failure or an interrupt: do not start
+            return
         if run.source is not None:
             wait_for_source(run, scheduled, runtime.processes)
         state = run.prepare(retrain)
