@@ -7,7 +7,9 @@ import itertools
 import json
 import math
 import shutil
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from PIL import Image
@@ -108,6 +110,43 @@ def test_cell_selection_errors():
         with pytest.raises(SystemExit) as exit_:
             app.main(argv)
         assert exit_.value.code == 2
+
+
+class _RecordingRun:
+    """Stands in for a CellRun: records which cells reached prepare(), where a real one creates its folder; a
+    cell that does not fail 'trains' until the run is stopping, as a real trainer runs until it is terminated."""
+
+    def __init__(self, name, started, processes, fails=False):
+        self.cell, self.source = SimpleNamespace(name=name), None
+        self.started, self.processes, self.fails = started, processes, fails
+
+    def prepare(self, retrain):
+        self.started.append(self.cell.name)
+        if self.fails:
+            raise runner.DemoError(f"{self.cell.name}: the trainer failed")
+        return "new"
+
+    def train_stage(self, state, bars):
+        deadline = time.monotonic() + 30
+        while not self.processes.stopping and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return 0.0
+
+    def eval_stage(self, state, train_seconds):
+        return None
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_cells_queued_behind_a_failure_do_not_start(jobs):
+    """After a cell fails, the run stops: the cells still queued must not create their folders on the way out."""
+    runtime = runner.Runtime("cpu", "fp32", workers=1, jobs=jobs, cores=jobs, progress=False)
+    started = []
+    queue = [_RecordingRun("first", started, runtime.processes, fails=True)]
+    queue += [_RecordingRun(f"queued-{i}", started, runtime.processes) for i in range(6)]
+    with pytest.raises(runner.DemoError, match="first: the trainer failed"):
+        runner.run_cells(queue, runtime, retrain=False)
+    assert runtime.processes.stopping
+    assert started[0] == "first" and set(started) <= {"first", "queued-0"}  # queued-0 may run beside it at 2 jobs
 
 
 def test_the_experiment_grid():

@@ -381,15 +381,22 @@ def run_parallel(items, function, jobs: int, processes: Processes) -> list:
     """[function(item) for item in items], `jobs` at a time; the first failure stops the rest (exits their
     children)."""
     results, errors = [None] * len(items), []
+
+    def stopping_on_failure(item):
+        try:
+            return function(item)
+        except DemoError:
+            processes.stop_all()  # here, before this worker thread takes the next item, not later in the caller
+            raise
+
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        futures = {pool.submit(function, item): index for index, item in enumerate(items)}
+        futures = {pool.submit(stopping_on_failure, item): index for index, item in enumerate(items)}
         try:
             for future in as_completed(futures):
                 try:
                     results[futures[future]] = future.result()
                 except DemoError as error:
                     errors.append(error)
-                    processes.stop_all()
                 except KeyboardInterrupt:
                     if not errors:
                         raise
