@@ -166,6 +166,7 @@ def test_the_experiment_grid():
     for cell in studies["finetune"]:
         source = grid[position[cell.init]]
         assert source.method == "clip" and source.seed == cell.seed and position[cell.init] < position[cell.name]
+        assert cell.schedule == grid[position[f"clipart-clip-s{cell.seed}"]].schedule  # as from scratch
     assert {c.seed for c in grid} == {0, 1, 2}
 
 

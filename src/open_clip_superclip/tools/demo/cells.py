@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 MODEL = "SuperCLIP-ViT-Tiny"
@@ -122,8 +122,7 @@ def experiment_cells(grid: Grid) -> tuple:
         schedule = Schedule(grid.clipart_batch, grid.clipart_epochs, lr=batch_lr(grid.clipart_batch),
                             save_every=1, samples_per_epoch=grid.samples_per_epoch)
         cells += [Cell(f"clipart-{m}-s{seed}", m, seed, schedule, "clipart", "dual") for m in grid.dual_arms]
-        schedule = Schedule(grid.clipart_batch, grid.finetune_epochs, lr=batch_lr(grid.clipart_batch) / 2,
-                            save_every=1, samples_per_epoch=grid.samples_per_epoch)
+        schedule = replace(schedule, epochs=grid.finetune_epochs)  # only the start differs from scratch
         source = f"emoji-clip-b{grid.ablation_batch}-s{seed}"
         cells += [Cell(f"finetune-{m}-s{seed}", m, seed, schedule, "clipart", "finetune", init=source)
                   for m in grid.finetune_methods]
