@@ -146,7 +146,7 @@ def test_cells_queued_behind_a_failure_do_not_start(jobs):
     with pytest.raises(runner.DemoError, match="first: the trainer failed"):
         runner.run_cells(queue, runtime, retrain=False)
     assert runtime.processes.stopping
-    assert started[0] == "first" and set(started) <= {"first", "queued-0"}  # queued-0 may run beside it at 2 jobs
+    assert "first" in started and set(started) <= {"first", "queued-0"}  # queued-0 may run beside it at 2 jobs
 
 
 def test_the_experiment_grid():

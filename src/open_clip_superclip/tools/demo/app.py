@@ -38,8 +38,8 @@ EXPERIMENT_EMOJI = {"limit": None, "train_copies": 1}
 EXPERIMENT_CLIPART = {"heldout_frac": 0.2}
 SMOKE_CLIPART = {"heldout_frac": 0.5, "min_class_size": 1, "limit": 40}
 EXPERIMENT_GRID = Grid(seeds=(0, 1, 2), batches=(256, 64, 16), ablation_batch=64, emoji_epochs=4, clipart_epochs=4,
-                       finetune_epochs=4, emoji_eval_every=2)
-SMOKE_GRID = Grid(seeds=(0,), batches=(8, 4), ablation_batch=8, emoji_epochs=2, clipart_epochs=1, finetune_epochs=1,
+                       emoji_eval_every=2)
+SMOKE_GRID = Grid(seeds=(0,), batches=(8, 4), ablation_batch=8, emoji_epochs=2, clipart_epochs=1,
                   ablations=("superclip-idfnone",), dual_arms=("clip-mix", "superclip-dual"),
                   finetune_methods=("superclip",), clipart_batch=4, samples_per_epoch=16)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Optional
 
 MODEL = "SuperCLIP-ViT-Tiny"
@@ -99,8 +99,7 @@ class Grid:
     batches: tuple  # the small-batch study, largest first
     ablation_batch: int
     emoji_epochs: int
-    clipart_epochs: int
-    finetune_epochs: int
+    clipart_epochs: int  # also fine-tuning's: it differs from the from-scratch arms only in its start
     ablations: tuple = ABLATIONS
     dual_arms: tuple = DUAL_ARMS
     finetune_methods: tuple = ("clip", "superclip")
@@ -122,7 +121,6 @@ def experiment_cells(grid: Grid) -> tuple:
         schedule = Schedule(grid.clipart_batch, grid.clipart_epochs, lr=batch_lr(grid.clipart_batch),
                             save_every=1, samples_per_epoch=grid.samples_per_epoch)
         cells += [Cell(f"clipart-{m}-s{seed}", m, seed, schedule, "clipart", "dual") for m in grid.dual_arms]
-        schedule = replace(schedule, epochs=grid.finetune_epochs)  # only the start differs from scratch
         source = f"emoji-clip-b{grid.ablation_batch}-s{seed}"
         cells += [Cell(f"finetune-{m}-s{seed}", m, seed, schedule, "clipart", "finetune", init=source)
                   for m in grid.finetune_methods]
